@@ -1,0 +1,1 @@
+"""Mnemosyne learned optimizers."""
