@@ -1,1 +1,74 @@
-"""Mnemosyne learned optimizers."""
+"""Mnemosyne: learned optimizers built from Performers.
+
+A pure JAX/Flax/optax library, importable without Ray or gRPC. The public API
+is flat::
+
+    import jax, optax
+    import mnemosyne_core as mn
+
+    config = mn.MnemosyneConfig()                  # variant="tensor"
+    theta = mn.init_theta(jax.random.key(0), config)
+    tx = mn.mnemosyne(theta, config)               # an optax.GradientTransformationExtraArgs
+    params = {"w": jax.numpy.ones(3)}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jax.numpy.ones(3)}, state, params)
+
+Names are resolved lazily so that ``import mnemosyne_core`` stays cheap and the
+optional parts (tasks with their data packages, the gRPC client) load only when
+used.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> defining module
+_EXPORTS: dict[str, str] = {
+    # the Performer optimizer
+    "MnemosyneConfig": "mnemosyne_core.mnemosyne",
+    "MnemosyneState": "mnemosyne_core.mnemosyne",
+    "init_theta": "mnemosyne_core.mnemosyne",
+    "validate_theta": "mnemosyne_core.mnemosyne",
+    "mnemosyne": "mnemosyne_core.mnemosyne",
+    "scale_by_mnemosyne": "mnemosyne_core.mnemosyne",
+    # building blocks
+    "hyperbolic_features": "mnemosyne_core.favor",
+    "orthogonal_directions": "mnemosyne_core.favor",
+    # baselines and the optimizer registry
+    "LSTMConfig": "mnemosyne_core.baselines",
+    "init_lstm_theta": "mnemosyne_core.baselines",
+    "lstm_optimizer": "mnemosyne_core.baselines",
+    "OPTIMIZERS": "mnemosyne_core.optimizers",
+    "OptimizerEntry": "mnemosyne_core.optimizers",
+    # checkpoints
+    "save": "mnemosyne_core.checkpoint",
+    "load": "mnemosyne_core.checkpoint",
+    "to_bytes": "mnemosyne_core.checkpoint",
+    "from_bytes": "mnemosyne_core.checkpoint",
+    "CheckpointError": "mnemosyne_core.checkpoint",
+    # tasks
+    "Task": "mnemosyne_core.tasks",
+    "TaskSpec": "mnemosyne_core.tasks",
+    "TaskFamily": "mnemosyne_core.tasks",
+    "TASKS": "mnemosyne_core.tasks",
+    "make_task": "mnemosyne_core.tasks",
+    # shipped optimizers
+    "pretrained": "mnemosyne_core.pretrained",
+    "pretrained_theta": "mnemosyne_core.pretrained",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'mnemosyne_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
