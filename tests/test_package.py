@@ -1,0 +1,79 @@
+"""Package-level guarantees: layering, the flat API, the console command."""
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+
+import mnemosyne_core
+from service import cli
+
+FORBIDDEN = ("ray", "grpc", "workers", "service")
+
+
+def _core_modules() -> list[str]:
+    names = ["mnemosyne_core"]
+    for info in pkgutil.walk_packages(mnemosyne_core.__path__, "mnemosyne_core."):
+        # The registry client is the one place allowed to import grpc, lazily, on a grpc:// URI.
+        if info.name.startswith("mnemosyne_core.registry_client"):
+            continue
+        names.append(info.name)
+    return names
+
+
+def test_core_never_imports_ray_grpc_workers_or_service():
+    modules = _core_modules()
+    code = (
+        "import importlib, json, sys\n"
+        f"mods = {modules!r}\n"
+        "failed = {}\n"
+        "for m in mods:\n"
+        "    try:\n"
+        "        importlib.import_module(m)\n"
+        "    except ModuleNotFoundError as exc:\n"
+        "        failed[m] = str(exc)\n"
+        f"bad = sorted(k for k in sys.modules if k.split('.')[0] in {FORBIDDEN!r})\n"
+        "print(json.dumps({'bad': bad, 'failed': failed}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["bad"] == [], f"mnemosyne_core pulled in {report['bad']}"
+    # Optional extras (gymnax/brax) may be absent on minimal installs; core modules must not be.
+    for module, err in report["failed"].items():
+        assert "mnemosyne_core" not in err, f"{module}: {err}"
+
+
+def test_flat_api_names_resolve():
+    missing = []
+    for name in mnemosyne_core.__all__:
+        try:
+            getattr(mnemosyne_core, name)
+        except (AttributeError, ImportError) as exc:
+            missing.append(f"{name}: {exc}")
+    assert missing == []
+
+
+def test_unknown_attribute_is_attribute_error():
+    try:
+        mnemosyne_core.no_such_name  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:  # pragma: no cover
+        raise AssertionError("expected AttributeError")
+
+
+def test_cli_help_lists_commands(capsys):
+    parser = cli.build_parser()
+    help_text = parser.format_help()
+    assert "usage: mnemosyne" in help_text
+    assert cli.main([]) == 0
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_cli_unknown_command_exits_nonzero():
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "no-such-command"], capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "invalid choice" in proc.stderr
