@@ -1,0 +1,267 @@
+"""The registry's operations as plain Python, unit-testable without gRPC.
+
+:class:`Registry` combines the metadata :class:`~service.registry.storage.Store`
+and the :class:`~service.registry.blobs.BlobStore`. Inputs are plain values,
+outputs are the storage records, failures are
+:mod:`~service.registry.errors` exceptions.
+
+>>> import hashlib, tempfile
+>>> reg = Registry(tempfile.mkdtemp())
+>>> data = b"some optimizer"
+>>> spec = PublishSpec("adam-ish", {}, len(data), hashlib.sha256(data).hexdigest())
+>>> reg.publish(spec, [data[:4], data[4:]]).number
+1
+>>> version, chunks = reg.open_fetch("adam-ish", alias="latest", offset=5)
+>>> b"".join(chunks)
+b'optimizer'
+>>> reg.set_alias("adam-ish", "latest", 1)
+Traceback (most recent call last):
+...
+service.registry.errors.FailedPrecondition: alias 'latest' moves automatically on publish and cannot be set or deleted by hand
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .blobs import BlobStore, RecoveryReport, check_sha256
+from .errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from .storage import LATEST, AliasRecord, OptimizerRecord, Store, VersionRecord
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
+MIN_CHUNK = 64 << 10
+MAX_CHUNK = 1 << 20
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishSpec:
+    """The header of an upload: what the client promises to send."""
+
+    name: str
+    metadata: dict
+    size: int
+    sha256: str
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise InvalidArgument(
+            f"invalid optimizer name {name!r}: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit"
+        )
+    return name
+
+
+def check_alias(alias: str) -> str:
+    if not ALIAS_RE.match(alias or ""):
+        raise InvalidArgument(f"invalid alias {alias!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter")
+    return alias
+
+
+def _encode_token(after) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()
+
+
+def _decode_token(token: str, kind: type):
+    if not token:
+        return kind()
+    try:
+        after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
+    except Exception:  # noqa: BLE001 - any garbage is the same user error
+        raise InvalidArgument("invalid page_token; pass back next_page_token unchanged") from None
+    if not isinstance(after, kind):
+        raise InvalidArgument("invalid page_token; pass back next_page_token unchanged")
+    return after
+
+
+def _page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument("page_size must be >= 0")
+    return min(page_size or DEFAULT_PAGE, MAX_PAGE)
+
+
+class Registry:
+    """All registry operations. Thread-safe; one instance per server.
+
+    Args:
+        data_dir: where blobs (and the default SQLite database) live.
+        db_url: SQLAlchemy URL; default ``sqlite:///<data_dir>/registry.db``.
+        max_chunk_bytes: largest accepted upload chunk.
+        max_artifact_bytes: largest accepted artifact.
+        watch_poll_s: how often watchers also re-read the database, so moves made
+            by another server process on the same database are seen too.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        db_url: str | None = None,
+        *,
+        max_chunk_bytes: int = MAX_CHUNK,
+        max_artifact_bytes: int = 4 << 30,
+        watch_poll_s: float = 1.0,
+    ):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.data_dir, max_size=max_artifact_bytes)
+        self.store = Store(db_url or f"sqlite:///{self.data_dir / 'registry.db'}")
+        self.max_chunk_bytes = max_chunk_bytes
+        self.watch_poll_s = watch_poll_s
+        self._cond = threading.Condition()
+        self._generation = 0  # bumped on every alias change / shutdown; wakes watchers
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------
+    def recover(self, verify: bool = True) -> RecoveryReport:
+        """Remove unfinished uploads, re-verify every blob, and log versions whose blob is gone."""
+        report = self.blobs.recover(verify=verify)
+        missing = sorted(d for d in self.store.referenced_digests() if not self.blobs.exists(d))
+        for digest in missing:
+            log.error("registry: blob %s referenced by a version is missing or corrupt", digest)
+        log.info(
+            "registry: recovery removed %d temp files, verified %d blobs, quarantined %d",
+            report.removed_temp, report.verified, len(report.corrupt),
+        )
+        return report
+
+    def close(self) -> None:
+        """End all watch streams; later calls fail with :class:`Unavailable`."""
+        with self._cond:
+            self._closed = True
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wake_watchers(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    # -- publish / fetch --------------------------------------------------------
+    def publish(self, spec: PublishSpec, chunks: Iterable[bytes]) -> VersionRecord:
+        """Store an upload and create the next version; nothing is visible unless it verifies.
+
+        ``chunks`` may raise (a cut stream); the temp file is then removed and
+        no version number is consumed.
+        """
+        self._check_open()
+        check_name(spec.name)
+        check_sha256(spec.sha256)
+        if spec.size <= 0:
+            raise InvalidArgument("size must be > 0: empty artifacts are not accepted")
+        with self.blobs.writer(spec.sha256, spec.size) as writer:
+            for chunk in chunks:
+                if len(chunk) > self.max_chunk_bytes:
+                    raise ResourceExhausted(
+                        f"chunk of {len(chunk)} bytes exceeds the {self.max_chunk_bytes}-byte chunk limit; "
+                        "split the upload into smaller chunks"
+                    )
+                writer.write(chunk)
+            writer.commit()
+        version = self.store.create_version(spec.name, spec.sha256, spec.size, spec.metadata)
+        self.wake_watchers()
+        return version
+
+    def open_fetch(
+        self, name: str, number: int | None = None, alias: str | None = None, offset: int = 0, chunk_size: int = 0
+    ) -> tuple[VersionRecord, Iterator[bytes]]:
+        """Resolve a version and return it with an iterator over its bytes from ``offset``."""
+        version = self.get_version(name, number, alias)
+        if offset < 0 or offset > version.size:
+            raise InvalidArgument(f"offset {offset} is outside the artifact (size {version.size})")
+        if not self.blobs.exists(version.sha256):
+            raise DataLoss(f"artifact of {name}:{version.number} is missing on the server")
+        size = min(max(chunk_size or MAX_CHUNK, MIN_CHUNK), MAX_CHUNK)
+        return version, self.blobs.iter_chunks(version.sha256, offset, size)
+
+    # -- reads ----------------------------------------------------------------
+    def get_version(self, name: str, number: int | None = None, alias: str | None = None) -> VersionRecord:
+        check_name(name)
+        if number is not None and number <= 0:
+            raise InvalidArgument(f"version numbers start at 1, got {number}")
+        if alias is not None:
+            check_alias(alias)
+        return self.store.get_version(name, number=number, alias=alias)
+
+    def list_optimizers(self, page_size: int = 0, page_token: str = "", prefix: str = "") -> tuple[list[OptimizerRecord], str]:
+        limit = _page_size(page_size)
+        rows = self.store.list_optimizers(limit + 1, _decode_token(page_token, str), prefix)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, _encode_token(rows[-1].name) if more else ""
+
+    def list_versions(self, name: str, page_size: int = 0, page_token: str = "") -> tuple[list[VersionRecord], str]:
+        check_name(name)
+        limit = _page_size(page_size)
+        rows = self.store.list_versions(name, limit + 1, _decode_token(page_token, int))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, _encode_token(rows[-1].number) if more else ""
+
+    # -- aliases ----------------------------------------------------------------
+    def set_alias(self, name: str, alias: str, version: int) -> AliasRecord:
+        self._check_open()
+        check_name(name)
+        self._check_manual_alias(alias)
+        if version <= 0:
+            raise InvalidArgument(f"version numbers start at 1, got {version}")
+        record = self.store.set_alias(name, alias, version)
+        self.wake_watchers()
+        return record
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._check_open()
+        check_name(name)
+        self._check_manual_alias(alias)
+        self.store.delete_alias(name, alias)
+        self.wake_watchers()
+
+    def watch(self, name: str, alias: str, stop: threading.Event) -> Iterator[AliasRecord]:
+        """Yield the alias's current target (if set), then every later move, in order.
+
+        Ends when ``stop`` is set (client went away; call :meth:`wake_watchers`
+        after setting it) or the registry is closed.
+        """
+        check_name(name)
+        check_alias(alias)
+        current = self.store.current_alias(name, alias)  # NotFound for unknown names
+        last = 0
+        if current is not None:
+            last = current.sequence
+            if current.version is not None:
+                yield current
+        while True:
+            with self._cond:
+                seen = self._generation
+            for event in self.store.alias_events_after(name, alias, last):
+                last = event.sequence
+                yield event
+            with self._cond:
+                while seen == self._generation and not stop.is_set() and not self._closed:
+                    if not self._cond.wait(self.watch_poll_s):
+                        break  # poll the database: another process may share it
+                if stop.is_set() or self._closed:
+                    return
+
+    # -- helpers ----------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("registry server is shutting down; retry against another instance")
+
+    @staticmethod
+    def _check_manual_alias(alias: str) -> None:
+        check_alias(alias)
+        if alias == LATEST:
+            raise FailedPrecondition(
+                "alias 'latest' moves automatically on publish and cannot be set or deleted by hand"
+            )

@@ -1,0 +1,337 @@
+"""Registry metadata in a relational database through SQLAlchemy.
+
+SQLite (WAL mode) is the default, ``sqlite:///DATA/registry.db``; any
+SQLAlchemy URL works, PostgreSQL (``postgresql+psycopg://…``) is tested in CI.
+
+Gapless version numbers under concurrent publishers: every write to an
+optimizer first locks its row in ``optimizers`` (``SELECT … FOR UPDATE`` on
+PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite, which takes the database write
+lock), reads ``latest_version``, and inserts ``latest_version + 1`` in the
+same transaction. The number is allocated only after the blob is verified,
+so a failed upload never consumes one. Alias moves are appended to
+``alias_events`` under the same lock, which makes event ids per optimizer
+increase in commit order — what :meth:`Store.alias_events_after` relies on.
+
+>>> store = Store("sqlite://")
+>>> store.create_version("demo", "ab" * 32, 5, {}).number
+1
+>>> store.create_version("demo", "cd" * 32, 7, {}).number
+2
+>>> store.get_version("demo", alias="latest").number
+2
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from .errors import NotFound
+
+LATEST = "latest"
+
+metadata_obj = sa.MetaData()
+optimizers_t = sa.Table(
+    "optimizers",
+    metadata_obj,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("latest_version", sa.Integer, nullable=False, default=0),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+)
+versions_t = sa.Table(
+    "versions",
+    metadata_obj,
+    sa.Column("name", sa.String(128), sa.ForeignKey("optimizers.name"), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False, index=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("metadata_json", sa.Text, nullable=False),
+)
+aliases_t = sa.Table(
+    "aliases",
+    metadata_obj,
+    sa.Column("name", sa.String(128), sa.ForeignKey("optimizers.name"), primary_key=True),
+    sa.Column("alias", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+)
+alias_events_t = sa.Table(
+    "alias_events",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("alias", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=True),  # NULL = deleted
+    sa.Column("unix_ms", sa.BigInteger, nullable=False),
+    sa.Index("ix_alias_events_name_alias_id", "name", "alias", "id"),
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionRecord:
+    name: str
+    number: int
+    sha256: str
+    size: int
+    created_ms: int
+    metadata: dict
+    aliases: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerRecord:
+    name: str
+    latest_version: int
+    updated_ms: int
+    aliases: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasRecord:
+    name: str
+    alias: str
+    version: int | None  # None = deleted (events only)
+    updated_ms: int
+    sequence: int = 0
+
+
+def _make_engine(url: str) -> sa.Engine:
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Let SQLAlchemy's "begin" hook below emit BEGIN itself (pysqlite's own
+        # transaction handling would defer it and can't take the write lock early).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # Writers take the write lock up front so read-then-insert is serialized;
+        # readers use a deferred BEGIN and never block each other under WAL.
+        immediate = conn.get_execution_options().get("registry_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Store:
+    """The registry's tables and the transactions that keep them consistent."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = _make_engine(url)
+        metadata_obj.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions ---------------------------------------------------------
+    def _write(self):
+        conn = self.engine.connect().execution_options(registry_write=True)
+        return _Txn(conn)
+
+    def _read(self):
+        return _Txn(self.engine.connect())
+
+    def _lock_optimizer(self, conn, name: str, create: bool):
+        if create:
+            conn.execute(
+                _insert_ignore(conn, optimizers_t).values(name=name, latest_version=0, updated_ms=now_ms())
+            )
+        row = conn.execute(
+            sa.select(optimizers_t).where(optimizers_t.c.name == name).with_for_update()
+        ).one_or_none()
+        if row is None:
+            raise NotFound(f"unknown optimizer {name!r}")
+        return row
+
+    # -- writes ---------------------------------------------------------------
+    def create_version(self, name: str, sha256: str, size: int, metadata: dict) -> VersionRecord:
+        """Append version ``latest + 1`` of ``name`` and move ``latest`` to it, atomically."""
+        with self._write() as conn:
+            row = self._lock_optimizer(conn, name, create=True)
+            number = row.latest_version + 1
+            ts = now_ms()
+            conn.execute(
+                versions_t.insert().values(
+                    name=name, number=number, sha256=sha256, size=size, created_ms=ts,
+                    metadata_json=json.dumps(metadata, sort_keys=True),
+                )
+            )
+            conn.execute(
+                optimizers_t.update().where(optimizers_t.c.name == name).values(latest_version=number, updated_ms=ts)
+            )
+            self._put_alias(conn, name, LATEST, number, ts)
+        return VersionRecord(name, number, sha256, size, ts, metadata, (LATEST,))
+
+    def set_alias(self, name: str, alias: str, version: int) -> AliasRecord:
+        with self._write() as conn:
+            self._lock_optimizer(conn, name, create=False)
+            exists = conn.execute(
+                sa.select(versions_t.c.number).where(versions_t.c.name == name, versions_t.c.number == version)
+            ).one_or_none()
+            if exists is None:
+                raise NotFound(f"optimizer {name!r} has no version {version}")
+            ts = now_ms()
+            seq = self._put_alias(conn, name, alias, version, ts)
+        return AliasRecord(name, alias, version, ts, seq)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        with self._write() as conn:
+            self._lock_optimizer(conn, name, create=False)
+            result = conn.execute(
+                aliases_t.delete().where(aliases_t.c.name == name, aliases_t.c.alias == alias)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"optimizer {name!r} has no alias {alias!r}")
+            conn.execute(alias_events_t.insert().values(name=name, alias=alias, version=None, unix_ms=now_ms()))
+
+    def _put_alias(self, conn, name: str, alias: str, version: int, ts: int) -> int:
+        updated = conn.execute(
+            aliases_t.update()
+            .where(aliases_t.c.name == name, aliases_t.c.alias == alias)
+            .values(version=version, updated_ms=ts)
+        )
+        if updated.rowcount == 0:
+            conn.execute(aliases_t.insert().values(name=name, alias=alias, version=version, updated_ms=ts))
+        result = conn.execute(alias_events_t.insert().values(name=name, alias=alias, version=version, unix_ms=ts))
+        return int(result.inserted_primary_key[0])
+
+    # -- reads ----------------------------------------------------------------
+    def get_version(self, name: str, number: int | None = None, alias: str | None = None) -> VersionRecord:
+        with self._read() as conn:
+            if number is None:
+                alias = alias or LATEST
+                number = conn.execute(
+                    sa.select(aliases_t.c.version).where(aliases_t.c.name == name, aliases_t.c.alias == alias)
+                ).scalar_one_or_none()
+                if number is None:
+                    self._require_optimizer(conn, name)
+                    raise NotFound(f"optimizer {name!r} has no alias {alias!r}")
+            row = conn.execute(
+                sa.select(versions_t).where(versions_t.c.name == name, versions_t.c.number == number)
+            ).one_or_none()
+            if row is None:
+                self._require_optimizer(conn, name)
+                raise NotFound(f"optimizer {name!r} has no version {number}")
+            aliases = conn.execute(
+                sa.select(aliases_t.c.alias)
+                .where(aliases_t.c.name == name, aliases_t.c.version == number)
+                .order_by(aliases_t.c.alias)
+            ).scalars().all()
+        return _version(row, tuple(aliases))
+
+    def list_versions(self, name: str, limit: int, after: int = 0) -> list[VersionRecord]:
+        with self._read() as conn:
+            self._require_optimizer(conn, name)
+            rows = conn.execute(
+                sa.select(versions_t)
+                .where(versions_t.c.name == name, versions_t.c.number > after)
+                .order_by(versions_t.c.number)
+                .limit(limit)
+            ).all()
+            aliases: dict[int, list[str]] = {}
+            for a, v in conn.execute(
+                sa.select(aliases_t.c.alias, aliases_t.c.version).where(aliases_t.c.name == name).order_by(aliases_t.c.alias)
+            ):
+                aliases.setdefault(v, []).append(a)
+        return [_version(r, tuple(aliases.get(r.number, ()))) for r in rows]
+
+    def list_optimizers(self, limit: int, after: str = "", prefix: str = "") -> list[OptimizerRecord]:
+        with self._read() as conn:
+            query = sa.select(optimizers_t).where(optimizers_t.c.name > after, optimizers_t.c.latest_version > 0)
+            if prefix:
+                query = query.where(optimizers_t.c.name.startswith(prefix, autoescape=True))
+            rows = conn.execute(query.order_by(optimizers_t.c.name).limit(limit)).all()
+            names = [r.name for r in rows]
+            aliases: dict[str, dict[str, int]] = {n: {} for n in names}
+            if names:
+                for n, a, v in conn.execute(
+                    sa.select(aliases_t.c.name, aliases_t.c.alias, aliases_t.c.version).where(aliases_t.c.name.in_(names))
+                ):
+                    aliases[n][a] = v
+        return [OptimizerRecord(r.name, r.latest_version, r.updated_ms, aliases[r.name]) for r in rows]
+
+    def current_alias(self, name: str, alias: str) -> AliasRecord | None:
+        """The alias's state with the id of the last event that set it, or None."""
+        with self._read() as conn:
+            self._require_optimizer(conn, name)
+            last = conn.execute(
+                sa.select(alias_events_t)
+                .where(alias_events_t.c.name == name, alias_events_t.c.alias == alias)
+                .order_by(alias_events_t.c.id.desc())
+                .limit(1)
+            ).one_or_none()
+        if last is None:
+            return None
+        return AliasRecord(name, alias, last.version, last.unix_ms, last.id)
+
+    def alias_events_after(self, name: str, alias: str, sequence: int) -> list[AliasRecord]:
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(alias_events_t)
+                .where(alias_events_t.c.name == name, alias_events_t.c.alias == alias, alias_events_t.c.id > sequence)
+                .order_by(alias_events_t.c.id)
+            ).all()
+        return [AliasRecord(r.name, r.alias, r.version, r.unix_ms, r.id) for r in rows]
+
+    def referenced_digests(self) -> set[str]:
+        with self._read() as conn:
+            return set(conn.execute(sa.select(versions_t.c.sha256).distinct()).scalars())
+
+    @staticmethod
+    def _require_optimizer(conn, name: str) -> None:
+        found = conn.execute(
+            sa.select(optimizers_t.c.latest_version).where(optimizers_t.c.name == name)
+        ).scalar_one_or_none()
+        if not found:  # None (never seen) or 0 (first publish still in flight)
+            raise NotFound(f"unknown optimizer {name!r}")
+
+
+class _Txn:
+    """``with`` block = one transaction on a pooled connection (commit or roll back, then release)."""
+
+    def __init__(self, conn: sa.Connection):
+        self._conn = conn
+
+    def __enter__(self) -> sa.Connection:
+        self._conn.begin()
+        return self._conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._conn.commit()
+            else:
+                self._conn.rollback()
+        finally:
+            self._conn.close()
+
+
+def _insert_ignore(conn, table: sa.Table):
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - other backends are not supported
+        raise NotImplementedError(f"unsupported database {conn.dialect.name!r}")
+    return insert(table).on_conflict_do_nothing()
+
+
+def _version(row, aliases: tuple[str, ...]) -> VersionRecord:
+    return VersionRecord(row.name, row.number, row.sha256, row.size, row.created_ms, json.loads(row.metadata_json), aliases)
