@@ -122,7 +122,7 @@ def serve(data_dir: str | Path, *, grace: float = 5.0, **kwargs) -> int:
     print(f"mnemosyne registry listening on {scheme}://{host}:{port}", flush=True)
     try:
         while not stopped.wait(0.5):  # short waits keep signal delivery prompt
-        pass
+            pass
     finally:
         shutdown(server, grace)
         for s, h in previous.items():

@@ -1,0 +1,347 @@
+"""gRPC client of the optimizer registry.
+
+>>> client = RegistryClient("grpc://127.0.0.1:50051")          # doctest: +SKIP
+>>> v = client.publish("ckpt.msgpack", "mnemosyne-digits")     # doctest: +SKIP
+>>> client.set_alias("mnemosyne-digits", "best", v.number)     # doctest: +SKIP
+>>> theta, config, meta = client.fetch_theta("mnemosyne-digits", "best")  # doctest: +SKIP
+
+Every call has a deadline (``timeout`` seconds; streams get one per
+artifact size). The bearer token comes from ``token=`` or the
+``MNEMOSYNE_REGISTRY_TOKEN`` environment variable. Downloads are verified
+against the version's sha256 and, when a stream breaks, resumed from the
+last byte received (pinned to the version number, so a moving alias can't
+mix two artifacts).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from . import registry_pb2 as pb
+from . import registry_pb2_grpc as pb_grpc
+from .errors import IncompatibleVersionError, IntegrityError, RegistryClientError
+from .uri import parse_target
+
+CHUNK = 1 << 20
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
+
+
+def _error(exc: grpc.RpcError) -> RegistryClientError:
+    code = exc.code() if hasattr(exc, "code") else None
+    name = code.name if code is not None else "UNKNOWN"
+    return RegistryClientError(name, (exc.details() if hasattr(exc, "details") else None) or str(exc))
+
+
+def _ref(name: str, ref: int | str | None) -> pb.VersionRef:
+    if ref is None:
+        return pb.VersionRef(name=name, alias="latest")
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        return pb.VersionRef(name=name, number=int(ref))
+    return pb.VersionRef(name=name, alias=ref)
+
+
+def _read_ca(tls_ca: bytes | str | os.PathLike | None) -> bytes | None:
+    if tls_ca is None or isinstance(tls_ca, bytes):
+        return tls_ca
+    return Path(tls_ca).read_bytes()
+
+
+class RegistryClient:
+    """Talk to one registry server.
+
+    Args:
+        target: ``grpc://HOST:PORT``, ``grpcs://HOST:PORT`` (TLS) or ``HOST:PORT``.
+        token: bearer token; default ``$MNEMOSYNE_REGISTRY_TOKEN`` (if set).
+        tls_ca: PEM bytes or path of the CA to trust; implies TLS. ``grpcs://``
+            without it uses the system roots.
+        timeout: deadline in seconds for unary calls.
+    """
+
+    def __init__(self, target: str, token: str | None = None, tls_ca: bytes | str | os.PathLike | None = None,
+                 *, timeout: float = 30.0):
+        address, tls = parse_target(target)
+        self.target = address
+        self.timeout = timeout
+        token = token if token is not None else os.environ.get("MNEMOSYNE_REGISTRY_TOKEN") or None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+        ca = _read_ca(tls_ca)
+        if tls or ca is not None:
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self._stub = pb_grpc.RegistryServiceStub(self._channel)
+
+    # -- lifecycle ------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "RegistryClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    # -- publish --------------------------------------------------------------
+    def publish(self, artifact: str | os.PathLike | bytes, name: str,
+                metadata: dict | pb.VersionMetadata | None = None, *, chunk_size: int = CHUNK) -> pb.Version:
+        """Upload a checkpoint (path or bytes) as the next version of ``name``; returns the Version.
+
+        When the artifact is a Mnemosyne checkpoint, compatibility (architecture
+        spec, θ fingerprint) and code/JAX versions are filled in from it unless
+        ``metadata`` already sets them.
+        """
+        data = artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
+        if not data:
+            raise ValueError("refusing to publish an empty artifact")
+        meta = metadata if isinstance(metadata, pb.VersionMetadata) else json_format.ParseDict(
+            metadata or {}, pb.VersionMetadata()
+        )
+        describe_checkpoint(data, meta)
+        header = pb.PublishHeader(name=name, metadata=meta, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        view = memoryview(data)
+
+        def requests():
+            yield pb.PublishRequest(header=header)
+            for start in range(0, len(data), chunk_size):
+                yield pb.PublishRequest(chunk=bytes(view[start:start + chunk_size]))
+
+        timeout = self.timeout + len(data) / (50 << 20)  # deadline grows with size (>= 50 MiB/s)
+        return self._call(self._stub.Publish, requests(), timeout).version
+
+    # -- reads ----------------------------------------------------------------
+    def get_version(self, name: str, ref: int | str | None = None) -> pb.Version:
+        """``ref``: version number, alias name, or None for ``latest``."""
+        return self._call(self._stub.GetVersion, pb.GetVersionRequest(ref=_ref(name, ref)))
+
+    def list_optimizers(self, prefix: str = "", page_size: int = 0) -> Iterator[pb.Optimizer]:
+        token = ""
+        while True:
+            page = self._call(self._stub.ListOptimizers,
+                              pb.ListOptimizersRequest(page_size=page_size, page_token=token, name_prefix=prefix))
+            yield from page.optimizers
+            if not (token := page.next_page_token):
+                return
+
+    def list_versions(self, name: str, page_size: int = 0) -> Iterator[pb.Version]:
+        token = ""
+        while True:
+            page = self._call(self._stub.ListVersions,
+                              pb.ListVersionsRequest(name=name, page_size=page_size, page_token=token))
+            yield from page.versions
+            if not (token := page.next_page_token):
+                return
+
+    def list(self, name: str | None = None) -> list:
+        """All optimizers, or all versions of ``name`` (follows every page)."""
+        return list(self.list_versions(name)) if name else list(self.list_optimizers())
+
+    # -- fetch ----------------------------------------------------------------
+    def stream(self, name: str, ref: int | str | None = None, offset: int = 0,
+               chunk_size: int = 0) -> tuple[pb.Version, Iterator[bytes]]:
+        """Low level: the Version and an iterator over its bytes from ``offset`` (not verified)."""
+        call = self._stub.Fetch(pb.FetchRequest(ref=_ref(name, ref), offset=offset, chunk_size=chunk_size),
+                                metadata=self._metadata, timeout=None)
+        try:
+            first = next(call)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        if first.WhichOneof("payload") != "version":
+            call.cancel()
+            raise RegistryClientError("INTERNAL", "registry sent chunks before the version header")
+
+        def chunks():
+            try:
+                for msg in call:
+                    yield msg.chunk
+            except grpc.RpcError as exc:
+                raise _error(exc) from None
+            finally:
+                call.cancel()
+
+        return first.version, chunks()
+
+    def fetch(self, name: str, ref: int | str | None = None, *, offset: int = 0, prefix: bytes = b"",
+              retries: int = 3) -> tuple[pb.Version, bytes]:
+        """Download a version; returns (Version, bytes), sha256-verified.
+
+        ``offset``/``prefix`` resume a partial download: ``prefix`` are the
+        first ``offset`` bytes already held. A broken stream is resumed from the
+        last byte received, up to ``retries`` times.
+        """
+        if len(prefix) != offset:
+            raise ValueError(f"resume needs the first {offset} bytes as prefix, got {len(prefix)}")
+        parts = [prefix] if prefix else []
+        received = offset
+        version = None
+        for attempt in range(retries + 1):
+            try:
+                # After the first response, pin the number: an alias may move meanwhile.
+                v, chunks = self.stream(name, version.number if version else ref, received)
+                version = version or v
+                for chunk in chunks:
+                    parts.append(chunk)
+                    received += len(chunk)
+                break
+            except RegistryClientError as exc:
+                if attempt == retries or exc.code not in {c.name for c in _RETRYABLE}:
+                    raise
+        data = b"".join(parts)
+        verify(version, data)
+        return version, data
+
+    def download(self, name: str, ref: int | str | None, path: str | os.PathLike) -> pb.Version:
+        """Fetch into ``path`` (atomically); resumes from ``path + '.part'`` if a previous try was cut."""
+        path = Path(path)
+        part = path.with_name(path.name + ".part")
+        held = part.read_bytes() if part.exists() else b""
+        pinned = ref
+        if held:
+            pinned = self.get_version(name, ref).number
+        try:
+            version, data = self.fetch(name, pinned, offset=len(held), prefix=held)
+        except IntegrityError:
+            part.unlink(missing_ok=True)  # a stale .part from another version: start over next time
+            raise
+        part.write_bytes(data)
+        os.replace(part, path)
+        return version
+
+    def fetch_theta(self, name: str, ref: int | str | None = None, *, like: Any = None):
+        """Download, verify and decode a checkpoint: ``(theta, config, metadata)``.
+
+        ``like`` (a running optimizer state or a θ) makes the call refuse a
+        version whose θ would not hot-swap into it (see :mod:`.hotswap`).
+        """
+        version, data = self.fetch(name, ref)
+        return decode_checkpoint(version, data, like=like)
+
+    # -- aliases ----------------------------------------------------------------
+    def set_alias(self, name: str, alias: str, version: int) -> pb.Alias:
+        return self._call(self._stub.SetAlias, pb.SetAliasRequest(name=name, alias=alias, version=version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call(self._stub.DeleteAlias, pb.DeleteAliasRequest(name=name, alias=alias))
+
+    def watch(self, name: str, alias: str, timeout: float | None = None) -> "AliasWatch":
+        """Iterate over the alias's current target and every later move; ``.cancel()`` to stop."""
+        call = self._stub.WatchAlias(pb.WatchAliasRequest(name=name, alias=alias),
+                                     metadata=self._metadata, timeout=timeout)
+        return AliasWatch(call)
+
+
+class AliasWatch:
+    """Iterator of :class:`AliasEvent` messages with ``cancel()``; ends quietly when cancelled."""
+
+    def __init__(self, call):
+        self._call = call
+        self._cancelled = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> pb.AliasEvent:
+        try:
+            return next(self._call)
+        except grpc.RpcError as exc:
+            if self._cancelled or exc.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise _error(exc) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+
+# -- artifact helpers -------------------------------------------------------------
+def verify(version: pb.Version, data: bytes) -> None:
+    """Raise :class:`IntegrityError` unless ``data`` is exactly the version's artifact."""
+    if len(data) != version.size:
+        raise IntegrityError(f"{version.name}:{version.number}: got {len(data)} bytes, expected {version.size}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != version.sha256:
+        raise IntegrityError(f"{version.name}:{version.number}: sha256 {digest} != {version.sha256}")
+
+
+def _checkpoint():
+    try:
+        from mnemosyne_core import checkpoint
+    except ImportError:  # the checkpoint module is optional for opaque artifacts
+        return None
+    return checkpoint
+
+
+def describe_checkpoint(data: bytes, meta: pb.VersionMetadata) -> None:
+    """Fill compatibility and code/JAX versions from a checkpoint artifact, keeping what is set."""
+    lineage, compat = meta.lineage, meta.compatibility
+    if not lineage.code_version:
+        from mnemosyne_core import __version__
+        lineage.code_version = __version__
+    if not lineage.jax_version:
+        import jax
+        lineage.jax_version = jax.__version__
+    checkpoint = _checkpoint()
+    if checkpoint is None:
+        return
+    try:
+        theta, config, ckpt_meta = checkpoint.from_bytes(data)
+    except Exception:  # noqa: BLE001 - not a checkpoint: published as opaque bytes
+        return
+    compat.format = compat.format or "mnemosyne-checkpoint"
+    if not compat.theta_fingerprint:
+        compat.theta_fingerprint = checkpoint.theta_fingerprint(theta)
+    if not compat.architecture_spec_json:
+        compat.architecture_spec_json = json.dumps(checkpoint.architecture_spec(config), sort_keys=True)
+    extra = getattr(config, "required_extra_args", None)
+    if extra is None and getattr(config, "use_loss_feature", False):
+        extra = ("loss",)
+    if extra and not compat.required_extra_args:
+        compat.required_extra_args.extend(extra)
+    ckpt_meta = ckpt_meta or {}
+    for key in ("run_id", "task_family_fingerprint"):
+        if not getattr(lineage, key) and isinstance(ckpt_meta.get(key), str):
+            setattr(lineage, key, ckpt_meta[key])
+    if not lineage.generation and isinstance(ckpt_meta.get("generation"), int):
+        lineage.generation = ckpt_meta["generation"]
+
+
+def decode_checkpoint(version: pb.Version, data: bytes, *, like: Any = None):
+    """Decode verified bytes and check them against the version's compatibility metadata."""
+    checkpoint = _checkpoint()
+    if checkpoint is None:
+        raise RegistryClientError("UNIMPLEMENTED", "mnemosyne_core.checkpoint is not available to decode artifacts")
+    theta, config, metadata = checkpoint.from_bytes(data)
+    compat = version.metadata.compatibility
+    where = f"{version.name}:{version.number}"
+    if compat.theta_fingerprint and compat.theta_fingerprint != checkpoint.theta_fingerprint(theta):
+        raise IncompatibleVersionError(f"{where}: θ fingerprint differs from the registry's compatibility record")
+    if compat.architecture_spec_json:
+        if json.loads(compat.architecture_spec_json) != json.loads(json.dumps(checkpoint.architecture_spec(config))):
+            raise IncompatibleVersionError(f"{where}: architecture differs from the registry's compatibility record")
+    if like is not None:
+        from .hotswap import check_swappable, find_theta
+        current = find_theta(like) if _holds_theta(like) else like
+        check_swappable(current, theta)
+    return theta, config, metadata
+
+
+def _holds_theta(obj: Any) -> bool:
+    from .hotswap import find_theta
+    try:
+        find_theta(obj)
+    except IncompatibleVersionError:
+        return False
+    return True

@@ -1,0 +1,254 @@
+"""``mnemosyne registry``: serve the optimizer registry and talk to it.
+
+Examples::
+
+    mnemosyne registry serve --data ./registry-data --port 50051 --token-file token.txt
+    mnemosyne registry push ckpt.msgpack --name mnemosyne-digits --token-file token.txt
+    mnemosyne registry alias mnemosyne-digits best 3 --token-file token.txt
+    mnemosyne registry pull mnemosyne-digits@best -o best.msgpack
+    mnemosyne registry list mnemosyne-digits
+    mnemosyne registry watch mnemosyne-digits@best
+
+Client commands talk to ``--registry`` (default ``$MNEMOSYNE_REGISTRY`` or
+``grpc://127.0.0.1:50051``); the token comes from ``--token-file`` or
+``$MNEMOSYNE_REGISTRY_TOKEN``. Exit codes: 0 ok, 1 the registry refused or
+failed, 2 bad input, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+
+from service.cli import CLIError
+
+DEFAULT_REGISTRY = "grpc://127.0.0.1:50051"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("registry", help="serve the optimizer registry or use it (push/pull/list/alias/watch)")
+    sub = parser.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+
+    serve = sub.add_parser("serve", help="run a registry server until SIGTERM")
+    serve.add_argument("--data", required=True, help="directory for artifacts (and the default SQLite database)")
+    serve.add_argument("--db", help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in --data)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed at start)")
+    serve.add_argument("--token-file", help="bearer tokens, one per line; required for writes when given")
+    serve.add_argument("--read-token-required", action="store_true", help="require the token for reads too")
+    serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key) to serve TLS")
+    serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM")
+    serve.add_argument("--skip-verify", action="store_true", help="don't re-hash every blob at startup")
+    serve.set_defaults(func=_serve)
+
+    def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--registry", default=os.environ.get("MNEMOSYNE_REGISTRY", DEFAULT_REGISTRY),
+                       help="grpc://HOST:PORT or grpcs://HOST:PORT (default $MNEMOSYNE_REGISTRY or %(default)s)")
+        p.add_argument("--token-file", help="file holding the bearer token (default $MNEMOSYNE_REGISTRY_TOKEN)")
+        p.add_argument("--tls-ca", help="PEM CA certificate to trust (implies TLS)")
+        p.add_argument("--timeout", type=float, default=30.0, help="deadline per call in seconds")
+        return p
+
+    push = client_parser("push", "publish a checkpoint file as the next version")
+    push.add_argument("file")
+    push.add_argument("--name", required=True)
+    push.add_argument("--metadata", help="VersionMetadata as JSON (lineage, compatibility, tags, description)")
+    push.add_argument("--alias", action="append", default=[], help="also point this alias at the new version")
+    push.set_defaults(func=_push)
+
+    pull = client_parser("pull", "download a version (sha256-verified)")
+    pull.add_argument("ref", metavar="NAME[@ALIAS|:VERSION]")
+    pull.add_argument("-o", "--output", required=True)
+    pull.set_defaults(func=_pull)
+
+    ls = client_parser("list", "list optimizers, or the versions of one")
+    ls.add_argument("name", nargs="?")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(func=_list)
+
+    alias = client_parser("alias", "point an alias at a version (or --delete it)")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", nargs="?", type=int)
+    alias.add_argument("--delete", action="store_true")
+    alias.set_defaults(func=_alias)
+
+    watch = client_parser("watch", "print every move of an alias until interrupted")
+    watch.add_argument("ref", metavar="NAME@ALIAS")
+    watch.add_argument("--count", type=int, default=0, help="exit after this many events")
+    watch.set_defaults(func=_watch)
+
+
+# -- server -------------------------------------------------------------------
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _serve(args) -> int:
+    from service.registry.auth import load_tokens_text
+    from service.registry.server import serve
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CLIError("--tls-cert and --tls-key must be given together")
+    tokens: tuple[str, ...] = ()
+    if args.token_file:
+        tokens = load_tokens_text(_read(args.token_file, "token file").decode())
+        if not tokens:
+            raise CLIError(f"token file {args.token_file} contains no token")
+    if args.read_token_required and not tokens:
+        raise CLIError("--read-token-required needs --token-file")
+    try:
+        return serve(
+            args.data, db_url=args.db, host=args.host, port=args.port, tokens=tokens,
+            read_token_required=args.read_token_required, tls_cert=_read(args.tls_cert, "certificate"),
+            tls_key=_read(args.tls_key, "key"), grace=args.grace, verify_on_start=not args.skip_verify,
+        )
+    except RuntimeError as exc:  # bind failure
+        raise CLIError(f"{exc} (is another server using the port?)", 1) from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("sqlalchemy"):
+            raise CLIError(f"cannot open database {args.db or '(sqlite)'}: {str(exc).splitlines()[0]}", 1) from None
+        raise
+
+
+# -- client -------------------------------------------------------------------
+def _client(args):
+    from mnemosyne_core.registry_client import InvalidURIError, RegistryClient
+
+    token = None
+    if args.token_file:
+        token = _read(args.token_file, "token file").decode().strip().splitlines()
+        if not token or not token[0].strip():
+            raise CLIError(f"token file {args.token_file} is empty")
+        token = token[0].strip()
+    try:
+        return RegistryClient(args.registry, token=token, tls_ca=_read(args.tls_ca, "CA certificate"),
+                              timeout=args.timeout)
+    except InvalidURIError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _run(args, action):
+    """Run ``action(client)``, turning client errors into one-line CLI errors."""
+    from mnemosyne_core.registry_client import InvalidURIError, RegistryClientError
+
+    client = _client(args)
+    try:
+        return action(client)
+    except InvalidURIError as exc:
+        raise CLIError(str(exc)) from None
+    except RegistryClientError as exc:
+        message = " ".join(exc.message.split())  # gRPC details may span lines
+        if exc.code == "UNAVAILABLE":
+            message = f"cannot reach registry at {args.registry}: {message}"
+        raise CLIError(f"{exc.code}: {message}", 1) from None
+    finally:
+        client.close()
+
+
+def _when(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _push(args) -> int:
+    data = _read(args.file, "file")
+    if not data:
+        raise CLIError(f"{args.file} is empty")
+    metadata = None
+    if args.metadata:
+        try:
+            metadata = json.loads(args.metadata)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"--metadata is not valid JSON: {exc}") from None
+
+    def action(client):
+        try:
+            version = client.publish(data, args.name, metadata)
+        except (ValueError, TypeError) as exc:  # metadata that doesn't fit VersionMetadata
+            raise CLIError(f"invalid --metadata: {' '.join(str(exc).split())}") from None
+        for alias in args.alias:
+            client.set_alias(args.name, alias, version.number)
+        aliases = ", ".join(["latest", *args.alias])
+        print(f"pushed {version.name}:{version.number} ({version.size} bytes, sha256 {version.sha256}) [{aliases}]")
+        return 0
+
+    return _run(args, action)
+
+
+def _pull(args) -> int:
+    from mnemosyne_core.registry_client import parse_ref
+
+    def action(client):
+        name, number, alias = parse_ref(args.ref)
+        version = client.download(name, number or alias, args.output)
+        print(f"pulled {version.name}:{version.number} -> {args.output} ({version.size} bytes, sha256 verified)")
+        return 0
+
+    return _run(args, action)
+
+
+def _list(args) -> int:
+    from google.protobuf import json_format
+
+    def action(client):
+        items = client.list(args.name)
+        for item in items:
+            if args.json:
+                print(json.dumps(json_format.MessageToDict(item, preserving_proto_field_name=True), sort_keys=True))
+            elif args.name:
+                aliases = ",".join(item.aliases)
+                print(f"{item.name}:{item.number}\t{item.size}\t{item.sha256[:12]}\t{_when(item.created_unix_ms)}\t{aliases}")
+            else:
+                aliases = ",".join(f"{a}={v}" for a, v in sorted(item.aliases.items()))
+                print(f"{item.name}\tlatest={item.latest_version}\t{aliases}")
+        return 0
+
+    return _run(args, action)
+
+
+def _alias(args) -> int:
+    if args.delete == (args.version is not None):
+        raise CLIError("give either VERSION or --delete")
+
+    def action(client):
+        if args.delete:
+            client.delete_alias(args.name, args.alias)
+            print(f"deleted {args.name}@{args.alias}")
+        else:
+            a = client.set_alias(args.name, args.alias, args.version)
+            print(f"{a.name}@{a.alias} -> {a.version}")
+        return 0
+
+    return _run(args, action)
+
+
+def _watch(args) -> int:
+    from mnemosyne_core.registry_client import parse_ref
+
+    def action(client):
+        name, number, alias = parse_ref(args.ref)
+        if number is not None or "@" not in args.ref:
+            raise CLIError(f"watch needs NAME@ALIAS, got {args.ref!r}")
+        watch = client.watch(name, alias)
+        seen = 0
+        try:
+            for event in watch:
+                target = "deleted" if event.deleted else str(event.version)
+                print(f"{_when(event.unix_ms)}\t{event.name}@{event.alias} -> {target}", flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        finally:
+            watch.cancel()
+        return 0
+
+    return _run(args, action)
