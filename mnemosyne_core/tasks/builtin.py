@@ -1,0 +1,42 @@
+"""The built-in inner tasks, registered into :data:`~mnemosyne_core.tasks.TASKS` on import.
+
+==============  =========================================================  ==================
+name            problem                                                    metrics
+==============  =========================================================  ==================
+``quadratic``   ill-conditioned quadratic (``dim``, ``condition``,          ``test_loss``
+                ``noise``, ``seed``)
+``digits_mlp``  MLP on scikit-learn digits (``hidden``, ``activation``,     ``test_loss``,
+                ``batch_size``, ``input_noise``, ``param_scale``,           ``test_accuracy``
+                ``weight_decay``)
+``mnist1d_mlp`` the same MLP on generated MNIST-1D                         idem
+``digits_vit``  tiny ViT on 8×8 digit patches (``patch``, ``dim``,          idem
+                ``depth``, ``heads``, ``mlp_ratio``, ``batch_size``)
+==============  =========================================================  ==================
+
+``make_task`` imports this module lazily, so ``mnemosyne_core.tasks.base`` needs
+no data packages; the data sets themselves load on first use and are cached.
+
+Example:
+    >>> import jax
+    >>> from mnemosyne_core.tasks import make_task
+    >>> task = make_task({"name": "digits_mlp", "kwargs": {"hidden": [32, 32], "activation": "gelu"}})
+    >>> sorted(task.evaluate(task.init(jax.random.key(0))))
+    ['test_accuracy', 'test_loss']
+"""
+from __future__ import annotations
+
+import functools
+
+from mnemosyne_core.tasks.base import register_task
+from mnemosyne_core.tasks.mlp import MLPTask
+from mnemosyne_core.tasks.quadratic import QuadraticTask
+from mnemosyne_core.tasks.vit import ViTTask
+
+__all__ = ["BUILTIN_TASKS"]
+
+BUILTIN_TASKS = ("quadratic", "digits_mlp", "mnist1d_mlp", "digits_vit")
+
+register_task("quadratic")(QuadraticTask)
+register_task("digits_mlp")(functools.partial(MLPTask, "digits"))
+register_task("mnist1d_mlp")(functools.partial(MLPTask, "mnist1d"))
+register_task("digits_vit")(ViTTask)
