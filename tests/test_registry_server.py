@@ -1,0 +1,352 @@
+"""The registry over real gRPC on 127.0.0.1:0: publish, fetch, aliases, watch, auth, limits."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from mnemosyne_core.registry_client import IntegrityError, RegistryClient, RegistryClientError
+from mnemosyne_core.registry_client import registry_pb2 as pb
+from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
+from service.registry.server import create_server, shutdown
+
+pytestmark = pytest.mark.xdist_group("registry")
+TOKEN = "test-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("registry")
+    srv, port = create_server(data, host="127.0.0.1", port=0, tokens=(TOKEN,))
+    srv.start()
+    srv.port = port
+    srv.data = data
+    yield srv
+    shutdown(srv, grace=1)
+
+
+@pytest.fixture
+def client(server):
+    with RegistryClient(f"grpc://127.0.0.1:{server.port}", token=TOKEN) as c:
+        yield c
+
+
+@pytest.fixture
+def stub(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield pb_grpc.RegistryServiceStub(channel)
+    channel.close()
+
+
+def _header(name: str, data: bytes, sha256: str | None = None) -> pb.PublishRequest:
+    return pb.PublishRequest(header=pb.PublishHeader(
+        name=name, size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest()))
+
+
+def _chunks(data: bytes, size: int = 64 << 10):
+    return [pb.PublishRequest(chunk=data[i:i + size]) for i in range(0, len(data), size)]
+
+
+def _assert_nothing_visible(client, server, name):
+    with pytest.raises(RegistryClientError) as info:
+        client.get_version(name)
+    assert info.value.code == "NOT_FOUND"
+    assert name not in [o.name for o in client.list()]
+    # The upload's temp file is gone once the server handler has finished with it.
+    while list((server.data / "tmp").iterdir()):
+        threading.Event().wait(0.01)
+
+
+def test_publish_fetch_roundtrip_with_metadata(client):
+    data = os.urandom(300_000)
+    meta = {"lineage": {"parent_version": 0, "run_id": "run-7", "generation": 40,
+                        "eval_metrics": {"digits_loss": 0.12}},
+            "compatibility": {"architecture_spec_json": "{\"variant\": \"tensor\"}",
+                              "theta_fingerprint": "abc", "required_extra_args": ["loss"]},
+            "tags": {"team": "vision"}}
+    v1 = client.publish(data, "roundtrip", meta)
+    v2 = client.publish(data[:1000], "roundtrip")
+    assert (v1.number, v2.number) == (1, 2)
+    got = client.get_version("roundtrip", 1)
+    assert got.sha256 == hashlib.sha256(data).hexdigest() and got.size == len(data)
+    assert got.metadata.lineage.run_id == "run-7" and got.metadata.lineage.generation == 40
+    assert got.metadata.lineage.eval_metrics["digits_loss"] == pytest.approx(0.12)
+    assert list(got.metadata.compatibility.required_extra_args) == ["loss"]
+    assert got.metadata.lineage.jax_version  # filled in by the client
+    assert client.get_version("roundtrip").number == 2  # latest moved automatically
+    version, fetched = client.fetch("roundtrip", 1)
+    assert fetched == data and version.number == 1
+
+
+def test_corrupt_upload_is_invalid_argument_and_invisible(client, server, stub):
+    data = os.urandom(200_000)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Publish(iter([_header("corrupt", data, wrong), *_chunks(data)]), metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sha256 mismatch" in info.value.details()
+    _assert_nothing_visible(client, server, "corrupt")
+
+
+def test_short_upload_is_invalid_argument_and_invisible(client, server, stub):
+    data = os.urandom(200_000)
+    with pytest.raises(grpc.RpcError) as info:  # client half-closes before sending everything
+        stub.Publish(iter([_header("short", data), *_chunks(data[:100_000])]), metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ended after 100000 of 200000" in info.value.details()
+    _assert_nothing_visible(client, server, "short")
+
+
+def test_stream_cut_mid_upload_leaves_nothing(client, server, stub):
+    data = os.urandom(1_000_000)
+    sent, release = threading.Event(), threading.Event()
+
+    def requests():
+        yield _header("cut", data)
+        yield from _chunks(data[:300_000])
+        sent.set()
+        release.wait()  # the connection "dies" here: the call is cancelled mid-upload
+
+    future = stub.Publish.future(requests(), metadata=AUTH)
+    sent.wait()
+    future.cancel()
+    release.set()
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result()
+    _assert_nothing_visible(client, server, "cut")
+
+
+def test_oversized_chunk_is_rejected_clearly(client, server, stub):
+    big = os.urandom((1 << 20) + 1)  # just over the 1 MiB handler limit
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Publish(iter([_header("oversized", big), pb.PublishRequest(chunk=big)]), metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "exceeds the 1048576-byte chunk limit" in info.value.details()
+    huge = os.urandom(6 << 20)  # over gRPC's message limit: refused before the handler sees it
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Publish(iter([_header("oversized", huge), pb.PublishRequest(chunk=huge)]), metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    _assert_nothing_visible(client, server, "oversized")
+
+
+def test_header_must_come_first(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Publish(iter([pb.PublishRequest(chunk=b"abc")]), metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "header" in info.value.details()
+
+
+@pytest.mark.parametrize("name,ref", [("no-such-optimizer", None), ("known", "no-such-alias"), ("known", 99)])
+def test_unknown_name_alias_or_version_is_not_found(client, name, ref):
+    client.publish(b"known optimizer", "known")
+    with pytest.raises(RegistryClientError) as info:
+        client.get_version(name, ref)
+    assert info.value.code == "NOT_FOUND"
+    with pytest.raises(RegistryClientError) as info:
+        client.fetch(name, ref)
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_invalid_names_are_invalid_argument(client):
+    for bad in ("", "has space", "../etc"):
+        with pytest.raises(RegistryClientError) as info:
+            client.publish(b"x", bad)
+        assert info.value.code == "INVALID_ARGUMENT" and "invalid optimizer name" in info.value.message
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_writes_need_the_right_token(server, token, monkeypatch):
+    monkeypatch.delenv("MNEMOSYNE_REGISTRY_TOKEN", raising=False)
+    with RegistryClient(f"127.0.0.1:{server.port}", token=token) as anonymous:
+        for call in (lambda: anonymous.publish(b"data", "auth-test"),
+                     lambda: anonymous.set_alias("auth-test", "best", 1),
+                     lambda: anonymous.delete_alias("auth-test", "best")):
+            with pytest.raises(RegistryClientError) as info:
+                call()
+            assert info.value.code == "UNAUTHENTICATED"
+        # Reads are open unless the server requires tokens for them.
+        assert isinstance(anonymous.list(), list)
+
+
+def test_token_from_environment(server, monkeypatch):
+    monkeypatch.setenv("MNEMOSYNE_REGISTRY_TOKEN", TOKEN)
+    with RegistryClient(f"grpc://127.0.0.1:{server.port}") as c:
+        assert c.publish(b"from env", "env-token").number == 1
+
+
+def test_read_token_required(tmp_path):
+    srv, port = create_server(tmp_path, port=0, tokens=(TOKEN,), read_token_required=True)
+    srv.start()
+    try:
+        with RegistryClient(f"127.0.0.1:{port}", token="") as anonymous:
+            with pytest.raises(RegistryClientError) as info:
+                anonymous.list()
+            assert info.value.code == "UNAUTHENTICATED"
+        with RegistryClient(f"127.0.0.1:{port}", token=TOKEN) as c:
+            assert c.list() == []
+        # Health stays open for probes.
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+    finally:
+        shutdown(srv, grace=1)
+
+
+def test_concurrent_publishers_get_gapless_versions(server):
+    n_threads, per_thread = 8, 4
+    published: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(n_threads)
+
+    def worker(i):
+        with RegistryClient(f"127.0.0.1:{server.port}", token=TOKEN) as c:
+            barrier.wait()
+            for j in range(per_thread):
+                v = c.publish(f"artifact {i}-{j}".encode() * 1000, "concurrent")
+                with lock:
+                    published.append(v.number)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = n_threads * per_thread
+    assert sorted(published) == list(range(1, total + 1))
+    with RegistryClient(f"127.0.0.1:{server.port}") as c:
+        assert [v.number for v in c.list("concurrent")] == list(range(1, total + 1))
+        assert c.get_version("concurrent").number == total
+
+
+def test_aliases_and_latest_rules(client):
+    for i in range(3):
+        client.publish(f"v{i}".encode(), "aliased")
+    client.set_alias("aliased", "best", 2)
+    assert client.get_version("aliased", "best").number == 2
+    assert sorted(client.get_version("aliased", 2).aliases) == ["best"]
+    for call in (lambda: client.set_alias("aliased", "latest", 1), lambda: client.delete_alias("aliased", "latest")):
+        with pytest.raises(RegistryClientError) as info:
+            call()
+        assert info.value.code == "FAILED_PRECONDITION" and "latest" in info.value.message
+    with pytest.raises(RegistryClientError) as info:
+        client.set_alias("aliased", "best", 7)
+    assert info.value.code == "NOT_FOUND"
+    client.delete_alias("aliased", "best")
+    with pytest.raises(RegistryClientError) as info:
+        client.delete_alias("aliased", "best")
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_list_paging(client):
+    for i in range(7):
+        client.publish(f"page {i}".encode(), "paged")
+        client.publish(f"page {i}".encode(), f"paged-{i}")
+    numbers = [v.number for v in client.list_versions("paged", page_size=3)]
+    assert numbers == list(range(1, 8))
+    names = [o.name for o in client.list_optimizers(prefix="paged-", page_size=2)]
+    assert names == [f"paged-{i}" for i in range(7)]
+    with pytest.raises(RegistryClientError) as info:
+        client._call(client._stub.ListVersions, pb.ListVersionsRequest(name="paged", page_token="garbage"))
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+def test_watch_receives_moves_in_order(client):
+    for i in range(3):
+        client.publish(f"watch {i}".encode(), "watched")
+    client.set_alias("watched", "production", 1)
+    watch = client.watch("watched", "production")
+    events = []
+    first = threading.Event()
+    done = threading.Event()
+
+    def consume():
+        for event in watch:
+            events.append(event)
+            first.set()
+            if len(events) == 6:
+                done.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    first.wait()  # subscribed: the current target arrived
+    for v in (2, 3, 1):
+        client.set_alias("watched", "production", v)
+    client.delete_alias("watched", "production")
+    client.set_alias("watched", "production", 3)
+    done.wait()
+    watch.cancel()
+    thread.join()
+    assert [(e.version, e.deleted) for e in events] == [(1, False), (2, False), (3, False), (1, False),
+                                                        (0, True), (3, False)]
+    sequences = [e.sequence for e in events]
+    assert sequences == sorted(set(sequences))
+
+
+def test_watch_latest_follows_publish(client):
+    client.publish(b"w0", "watch-latest")
+    watch = client.watch("watch-latest", "latest")
+    assert next(watch).version == 1
+    client.publish(b"w1", "watch-latest")
+    assert next(watch).version == 2
+    watch.cancel()
+
+
+def test_watch_unknown_optimizer_is_not_found(client):
+    with pytest.raises(RegistryClientError) as info:
+        next(client.watch("never-published", "best"))
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_fetch_resumes_from_offset(client, tmp_path):
+    data = os.urandom(3 * (1 << 20) + 12345)
+    client.publish(data, "resumable")
+    for offset in (0, 1, 70_000, len(data) - 1, len(data)):
+        version, chunks = client.stream("resumable", 1, offset=offset)
+        parts = list(chunks)
+        assert b"".join(parts) == data[offset:]
+        assert all(len(p) <= (1 << 20) for p in parts)
+    _, chunks = client.stream("resumable", 1, offset=0, chunk_size=1000)  # clamped up to 64 KiB
+    assert len(next(chunks)) == 64 << 10
+    # A resumed download with the bytes already held verifies the whole artifact.
+    _, whole = client.fetch("resumable", "latest", offset=500_000, prefix=data[:500_000])
+    assert whole == data
+    # download() picks up a partial file left by an interrupted run.
+    out = tmp_path / "resumable.bin"
+    (tmp_path / "resumable.bin.part").write_bytes(data[:2_000_000])
+    client.download("resumable", 1, out)
+    assert out.read_bytes() == data and not (tmp_path / "resumable.bin.part").exists()
+    # A wrong prefix is caught by the sha256 check.
+    with pytest.raises(IntegrityError):
+        client.fetch("resumable", 1, offset=10, prefix=b"\0" * 10)
+    with pytest.raises(RegistryClientError) as info:
+        client.stream("resumable", 1, offset=len(data) + 1)
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+def test_health_and_reflection(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    reply = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="mnemosyne.registry.v1.RegistryService"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for r in responses for s in r.list_services_response.service}
+    assert "mnemosyne.registry.v1.RegistryService" in services
+    channel.close()
+
+
+def test_deadlines_end_calls(client):
+    client.publish(b"quiet", "deadline")
+    client.set_alias("deadline", "best", 1)
+    watch = client.watch("deadline", "best", timeout=0.5)
+    assert next(watch).version == 1
+    with pytest.raises(RegistryClientError) as info:
+        next(watch)  # nothing moves: the deadline ends the stream
+    assert info.value.code == "DEADLINE_EXCEEDED"
