@@ -1,0 +1,236 @@
+"""Meta-training configuration: frozen dataclasses loaded from TOML files.
+
+A config names the learned optimizer being meta-trained (``[optimizer]``), the
+gradient estimator (``[estimator]``), the outer optimizer (``[outer]``) and the
+task distribution with its unroll-length curriculum (``[tasks]``). Everything
+is static: θ, the outer optimizer state and PES accumulators are run state.
+
+``load_config("quick")`` reads ``configs/quick.toml`` from the repository;
+any other argument is a path. ``MetaConfig.to_dict()``/``from_dict`` round-trip
+(the dict is stored in checkpoints as lineage).
+
+Example:
+    >>> cfg = MetaConfig.from_dict({"name": "t", "estimator": {"num_pairs": 4}})
+    >>> cfg.estimator.num_pairs, cfg.estimator.kind, cfg.outer.learning_rate
+    (4, 'es', 0.003)
+    >>> MetaConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import tomllib
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "OptimizerSection",
+    "EstimatorConfig",
+    "OuterConfig",
+    "TaskConfig",
+    "MetaConfig",
+    "load_config",
+    "CONFIG_DIR",
+]
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+ESTIMATORS = ("es", "pes", "backprop")
+SHAPINGS = ("centered_rank", "zscore", "none")
+META_LOSSES = ("log_ratio", "heldout")
+OPTIMIZER_KINDS = ("mnemosyne", "lstm")
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used."""
+
+
+def _freeze(value: Any) -> Any:
+    # TOML arrays/tables -> tuples so the dataclasses stay hashable.
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+                                                  for v in value):
+        return {k: _thaw(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _build(cls: type, section: str, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{section}] must be a table, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"[{section}] has unknown keys {unknown}; known: {sorted(names)}")
+    return cls(**{k: _freeze(v) for k, v in data.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    """Which learned optimizer is meta-trained: ``kind`` and its own config fields."""
+
+    kind: str = "mnemosyne"
+    config: Any = ()  # frozen key/value pairs for MnemosyneConfig / LSTMConfig
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTIMIZER_KINDS:
+            raise ConfigError(f"optimizer.kind must be one of {OPTIMIZER_KINDS}, got {self.kind!r}")
+
+    @property
+    def config_dict(self) -> dict[str, Any]:
+        return _thaw(self.config) if self.config else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorConfig:
+    """Gradient estimator. ``truncation`` is K: steps per compiled chunk (ES) or per
+    truncation (PES, backprop). ``max_log_ratio`` caps log(loss/initial loss) per step
+    so one diverging pair cannot dominate; ``grad_clip`` clips each backprop particle."""
+
+    kind: str = "es"
+    num_pairs: int = 8
+    sigma: float = 0.02
+    shaping: str = "centered_rank"
+    meta_loss: str = "log_ratio"
+    truncation: int = 25
+    max_log_ratio: float = 2.0
+    grad_clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ESTIMATORS:
+            raise ConfigError(f"estimator.kind must be one of {ESTIMATORS}, got {self.kind!r}")
+        if self.shaping not in SHAPINGS:
+            raise ConfigError(f"estimator.shaping must be one of {SHAPINGS}, got {self.shaping!r}")
+        if self.meta_loss not in META_LOSSES:
+            raise ConfigError(f"estimator.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
+        if self.num_pairs < 1 or self.truncation < 1:
+            raise ConfigError("estimator.num_pairs and estimator.truncation must be ≥ 1")
+        if not (self.sigma > 0 and math.isfinite(self.sigma)):
+            raise ConfigError(f"estimator.sigma must be > 0, got {self.sigma}")
+        if self.meta_loss == "heldout" and self.kind != "es":
+            raise ConfigError("estimator.meta_loss = 'heldout' needs whole unrolls: use kind = 'es'")
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterConfig:
+    """The outer optimizer on θ: Adam (or SGD) with global-norm clipping."""
+
+    optimizer: str = "adam"
+    learning_rate: float = 3e-3
+    clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"outer.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"outer.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Task distribution: a family from ``tasks.families.FAMILIES`` or explicit ``specs``
+    (list of ``{name, kwargs}`` sampled uniformly). Unroll lengths are log-uniform in
+    ``[min_unroll, max_unroll]`` (rounded up to a multiple of K); each parameter tensor is
+    reparameterised by a log-uniform factor in ``param_scale`` (task augmentation)."""
+
+    family: str = ""
+    specs: Any = ()
+    min_unroll: int = 50
+    max_unroll: int = 200
+    param_scale: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if bool(self.family) == bool(self.specs):
+            raise ConfigError("[tasks] needs exactly one of 'family' or 'specs'")
+        if not 1 <= self.min_unroll <= self.max_unroll:
+            raise ConfigError(f"need 1 ≤ min_unroll ≤ max_unroll, got {self.min_unroll}, {self.max_unroll}")
+        lo, hi = self.param_scale
+        if not 0 < lo <= hi:
+            raise ConfigError(f"tasks.param_scale must be 0 < lo ≤ hi, got {self.param_scale}")
+
+    @property
+    def spec_dicts(self) -> list[dict[str, Any]]:
+        return [_thaw(s) for s in self.specs]
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    name: str = "custom"
+    seed: int = 0
+    generations: int = 20
+    checkpoint_every: int = 10
+    publish_every: int = 0
+    optimizer: OptimizerSection = OptimizerSection()
+    estimator: EstimatorConfig = EstimatorConfig()
+    outer: OuterConfig = OuterConfig()
+    tasks: TaskConfig = TaskConfig(specs=(_freeze({"name": "quadratic", "kwargs": {"dim": 8}}),))
+
+    def __post_init__(self) -> None:
+        if self.generations < 0 or self.checkpoint_every < 1:
+            raise ConfigError("generations must be ≥ 0 and checkpoint_every ≥ 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                out[f.name] = {g.name: _thaw(getattr(v, g.name)) for g in dataclasses.fields(v)}
+            else:
+                out[f.name] = v
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MetaConfig":
+        sections = {"optimizer": OptimizerSection, "estimator": EstimatorConfig, "outer": OuterConfig,
+                    "tasks": TaskConfig}
+        top = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - top)
+        if unknown:
+            raise ConfigError(f"unknown top-level config keys {unknown}; known: {sorted(top)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in sections:
+                if key == "tasks" and isinstance(value, dict) and "param_scale" in value:
+                    value = {**value, "param_scale": tuple(float(x) for x in value["param_scale"])}
+                kwargs[key] = _build(sections[key], key, value)
+            else:
+                kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # pragma: no cover - wrong value types
+            raise ConfigError(str(exc)) from exc
+
+    def replace(self, **changes: Any) -> "MetaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(name_or_path: str | pathlib.Path) -> MetaConfig:
+    """``"quick"``/``"default"``/… from ``configs/`` or a path to a ``.toml`` file."""
+    path = pathlib.Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
+        raise ConfigError(f"no config {str(name_or_path)!r} (not a file; known names: {', '.join(known) or 'none'})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    data.setdefault("name", path.stem)
+    return MetaConfig.from_dict(data)

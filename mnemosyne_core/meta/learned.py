@@ -1,0 +1,81 @@
+"""Which learned optimizer is meta-trained: one adapter over Mnemosyne and the LSTM baseline.
+
+Both follow one contract (``transform(theta, config)`` returns an optax
+``GradientTransformationExtraArgs`` that keeps θ in ``state.theta``), so the
+estimators never care which one they train. θ is flattened to one float32
+vector with ``jax.flatten_util.ravel_pytree`` for ES noise; :meth:`swap_theta`
+puts a new (e.g. perturbed) θ into an existing optimizer state, which is how a
+persistent PES inner problem continues under the next generation's θ.
+
+Example:
+    >>> import jax
+    >>> lo = LearnedOptimizer.from_section("mnemosyne", {"learning_rate": 1e-3})
+    >>> theta = lo.init_theta(jax.random.key(0))
+    >>> flat, unravel = lo.ravel(theta)
+    >>> flat.ndim, lo.config.learning_rate
+    (1, 0.001)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+__all__ = ["LearnedOptimizer", "KINDS"]
+
+# kind -> (module, config class, init function, transform)
+KINDS: dict[str, tuple[str, str, str, str]] = {
+    "mnemosyne": ("mnemosyne_core.mnemosyne", "MnemosyneConfig", "init_theta", "mnemosyne"),
+    "lstm": ("mnemosyne_core.baselines", "LSTMConfig", "init_lstm_theta", "lstm_optimizer"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedOptimizer:
+    """A learned-optimizer kind plus its static config (hashable: usable as a jit static)."""
+
+    kind: str
+    config: Any
+
+    @classmethod
+    def from_section(cls, kind: str, config: dict[str, Any] | Any) -> "LearnedOptimizer":
+        if kind not in KINDS:
+            raise ValueError(f"unknown learned optimizer kind {kind!r}; known: {sorted(KINDS)}")
+        mod, cfg_name, _, _ = KINDS[kind]
+        cfg_cls = getattr(importlib.import_module(mod), cfg_name)
+        if not isinstance(config, cfg_cls):
+            config = cfg_cls.from_dict(dict(config or {}))
+        return cls(kind, config)
+
+    def _fn(self, index: int) -> Callable[..., Any]:
+        mod = KINDS[self.kind][0]
+        return getattr(importlib.import_module(mod), KINDS[self.kind][index])
+
+    def init_theta(self, key: jax.Array) -> Any:
+        return self._fn(2)(key, self.config)
+
+    def transform(self, theta: Any) -> optax.GradientTransformationExtraArgs:
+        return self._fn(3)(theta, self.config)
+
+    @staticmethod
+    def ravel(theta: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+        flat, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta))
+        return flat, unravel
+
+    @staticmethod
+    def swap_theta(opt_state: Any, theta: Any) -> Any:
+        """The same optimizer state, now running θ (``state.theta`` replaced)."""
+        if hasattr(opt_state, "theta") and hasattr(opt_state, "_replace"):
+            return opt_state._replace(theta=theta)
+        raise TypeError(
+            f"optimizer state {type(opt_state).__name__} has no 'theta' field: learned optimizers "
+            "must keep θ in state.theta so that it can be swapped between truncations"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "config": self.config.to_dict()}
