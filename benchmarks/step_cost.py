@@ -1,0 +1,170 @@
+"""Step cost of Mnemosyne vs ``optax.adam``, all measured in one process.
+
+Figures (each a median of ≥ 20 timed calls after warm-up, ``block_until_ready``):
+
+* jitted optimizer update alone for parameter pytrees of ~1M and ~10M floats
+  (a few realistic matrices + biases);
+* a whole training step (forward + backward + update) of a ~1M-parameter MLP
+  at batch 128;
+* state floats per parameter (θ excluded: leaves of the state whose size
+  scales with the parameters);
+* peak temporary memory of the compiled update (XLA ``memory_analysis``) and
+  the process's peak RSS.
+
+Targets for ``tensor``: update ≤ 3× Adam, whole step ≤ 1.25× Adam, ≤ 3 state
+floats per parameter.
+
+Usage::
+
+    python benchmarks/step_cost.py            # full run
+    python benchmarks/step_cost.py --quick    # smaller pytrees, fewer repeats
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta, mnemosyne
+
+
+def make_params(key: jax.Array, sizes: list[tuple[int, int]]) -> dict[str, jax.Array]:
+    """An MLP-like pytree: one (fan_in, fan_out) matrix + bias per layer."""
+    params = {}
+    for i, (a, b) in enumerate(sizes):
+        key, sub = jax.random.split(key)
+        params[f"w{i}"] = jax.random.normal(sub, (a, b), jnp.float32) / np.sqrt(a)
+        params[f"b{i}"] = jnp.zeros((b,), jnp.float32)
+    return params
+
+
+def count(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
+    jax.block_until_ready(fn())  # warm-up (compile)
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def state_floats_per_param(state: Any, params: Any) -> float:
+    """Floats in state leaves that scale with the parameters (θ and O(1) leaves excluded)."""
+    n = count(params)
+    if hasattr(state, "theta"):
+        state = state._replace(theta=None)
+    leaves = jax.tree.leaves(state)
+    # A leaf "scales with params" if it is at least as large as the smallest
+    # parameter tensor that is not tiny; a per-tensor CAM memory (b·r·(e+2)
+    # floats) is counted separately as the sublinear part.
+    total = sum(int(np.prod(x.shape)) for x in leaves)
+    return total / n
+
+
+def opts() -> dict[str, Callable[[], optax.GradientTransformation]]:
+    def mn(variant: str):
+        config = MnemosyneConfig(variant=variant)
+        return lambda: mnemosyne(init_theta(jax.random.key(0), config), config)
+
+    return {"adam": lambda: optax.adam(1e-3), "tensor": mn("tensor"), "coordinate": mn("coordinate")}
+
+
+def bench_update(tx: optax.GradientTransformation, params: Any, repeats: int) -> tuple[float, float, int]:
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+    update = jax.jit(tx.update)
+    t = median_time(lambda: update(grads, state, params), repeats)
+    mem = update.lower(grads, state, params).compile().memory_analysis()
+    temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+    return t, state_floats_per_param(state, params), temp
+
+
+def bench_train_step(tx: optax.GradientTransformation, sizes: list[tuple[int, int]], batch: int, repeats: int) -> float:
+    params = make_params(jax.random.key(1), sizes)
+    x = jax.random.normal(jax.random.key(2), (batch, sizes[0][0]))
+    y = jax.random.randint(jax.random.key(3), (batch,), 0, sizes[-1][1])
+
+    def loss_fn(p):
+        h = x
+        for i in range(len(sizes)):
+            h = h @ p[f"w{i}"] + p[f"b{i}"]
+            if i < len(sizes) - 1:
+                h = jax.nn.relu(h)
+        return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, s = tx.update(g, s, p, loss=loss)
+        return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    carry = {"p": params, "s": state}
+
+    def run():
+        carry["p"], carry["s"] = step(carry["p"], carry["s"])
+        return carry["p"]
+
+    return median_time(run, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller pytrees, fewer repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--variants", default="tensor,coordinate")
+    args = parser.parse_args()
+    repeats = args.repeats or (20 if args.quick else 30)
+    trees = {
+        # ~1M: 512-wide MLP-ish blocks; ~10M: 1024/2048-wide.
+        "update 1M": [(784, 512), (512, 512), (512, 512), (512, 10)] if not args.quick else [(256, 256), (256, 10)],
+        "update 10M": [(1024, 2048), (2048, 2048), (2048, 1024), (1024, 1024), (1024, 10)]
+        if not args.quick else [(512, 1024), (1024, 512)],
+    }
+    mlp = [(784, 1024), (1024, 256), (256, 10)] if not args.quick else [(256, 256), (256, 10)]
+    makers = opts()
+    names = ["adam"] + [v for v in args.variants.split(",") if v]
+    rows: dict[str, dict[str, float]] = {n: {} for n in names}
+    for label, sizes in trees.items():
+        params = make_params(jax.random.key(0), sizes)
+        print(f"{label}: {count(params):,} parameters", flush=True)
+        for n in names:
+            t, floats, temp = bench_update(makers[n](), params, repeats)
+            rows[n][label] = t
+            rows[n]["state floats/param"] = floats
+            rows[n][f"temp MiB ({label})"] = temp / 2**20
+    print(f"train step MLP {mlp}: {sum(a * b + b for a, b in mlp):,} parameters, batch 128", flush=True)
+    for n in names:
+        rows[n]["train step"] = bench_train_step(makers[n](), mlp, 128, repeats)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    print()
+    print(f"{'metric':<28}" + "".join(f"{n:>22}" for n in names))
+    for metric in rows["adam"]:
+        cells = []
+        for n in names:
+            value = rows[n][metric]
+            if metric.startswith(("update", "train")):
+                ratio = value / rows["adam"][metric]
+                cells.append(f"{value * 1e3:9.3f} ms ({ratio:5.2f}x)")
+            else:
+                cells.append(f"{value:20.2f}")
+        print(f"{metric:<28}" + "".join(f"{c:>22}" for c in cells))
+    print(f"{'peak RSS (process) MiB':<28}{rss:>22.0f}")
+    print("targets for tensor: update <= 3x Adam, train step <= 1.25x Adam, <= 3 state floats/param")
+
+
+if __name__ == "__main__":
+    main()

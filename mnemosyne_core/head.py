@@ -1,0 +1,302 @@
+"""Per-tensor update rules of the two Mnemosyne variants (θ layout + one step).
+
+``tensor`` (default, scalable)
+    per-coordinate features → HPE (:mod:`mnemosyne_core.hpe`) → ``b`` meta-tokens
+    → CAM per meta-token (:mod:`mnemosyne_core.cam`) → the read-out is mapped to
+    a per-chunk context, broadcast back to the chunk's coordinates → a tiny
+    shared per-coordinate MLP head → direction ``d`` and log-magnitude ``s``.
+    The head is written as unrolled elementwise multiply-adds over the feature
+    arrays (no ``stack(...) @ W``: on XLA CPU that form is 30–57× slower, see
+    ENV.md) with ReLU and a single ``exp`` per coordinate.
+
+``coordinate`` (paper-faithful)
+    every scalar parameter is its own CAM stream (θ shared); its input is the
+    classic preprocessed gradient and momentum.
+
+Both heads add a *zero-initialised* correction to the Adam direction
+``m̂/(√v̂+ε)`` and a zero-initialised log-magnitude, so a fresh θ is exactly
+Adam; meta-training only has to improve on a sound optimizer.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> theta = init_tensor_theta(jax.random.key(0), num_pool=6, num_coord=4, width=8,
+    ...                           value_width=4, hpe_hidden=16, head_hidden=4, extra_ctx=0,
+    ...                           init_discount=0.1)
+    >>> sorted(theta)
+    ['cam', 'head', 'hpe']
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mnemosyne_core.cam import CAMState, cam_init, cam_step
+from mnemosyne_core.hpe import ChunkLayout, encode, from_chunks, init_hpe, pool_tokens, to_chunks
+
+__all__ = [
+    "init_tensor_theta",
+    "init_coordinate_theta",
+    "TensorMemory",
+    "init_tensor_memory",
+    "pool_leaf",
+    "tensor_context",
+    "tensor_head",
+    "coordinate_cam",
+    "preprocess",
+    "inverse_softplus",
+]
+
+
+def inverse_softplus(y: float) -> float:
+    """x with softplus(x) = y (> 0): how the positive discount τ is parameterised."""
+    return float(y + math.log(-math.expm1(-y)))
+
+
+def _dense(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
+    w = jax.random.normal(key, (fan_in, fan_out), jnp.float32) / math.sqrt(fan_in)
+    return {"w": w, "b": jnp.zeros((fan_out,), jnp.float32)}
+
+
+def _cam_params(key: jax.Array, width_in: int, width: int, value_width: int, init_discount: float) -> dict:
+    kq, kk, kv = jax.random.split(key, 3)
+    return {
+        "q": _dense(kq, width_in, width),  # Eq. 2: W_Q
+        "k": _dense(kk, width_in, width),  # Eq. 2: W_K
+        "v": _dense(kv, width_in, value_width),  # Eq. 2: W_V
+        "tau_raw": jnp.asarray(inverse_softplus(init_discount), jnp.float32),
+    }
+
+
+def _zero_head_out(hidden: int) -> dict[str, jax.Array]:
+    # The learned correction starts at exactly zero: fresh θ == Adam.
+    return {
+        "w_d": jnp.zeros((hidden,), jnp.float32),
+        "w_s": jnp.zeros((hidden,), jnp.float32),
+        "b_s": jnp.zeros((), jnp.float32),
+    }
+
+
+def init_tensor_theta(
+    key: jax.Array,
+    *,
+    num_pool: int,
+    num_coord: int,
+    width: int,
+    value_width: int,
+    hpe_hidden: int,
+    head_hidden: int,
+    extra_ctx: int,
+    init_discount: float,
+) -> dict:
+    """θ of the ``tensor`` variant: HPE, CAM projections + τ, per-coordinate head."""
+    k_hpe, k_cam, k_ctx, k_w1 = jax.random.split(key, 4)
+    ctx = _dense(k_ctx, value_width + width + extra_ctx, head_hidden)
+    head = {
+        "ctx_w": ctx["w"],
+        "ctx_b": ctx["b"],
+        "w1": jax.random.normal(k_w1, (num_coord, head_hidden), jnp.float32) / math.sqrt(num_coord),
+        **_zero_head_out(head_hidden),
+    }
+    return {
+        "hpe": init_hpe(k_hpe, num_pool, width, hpe_hidden),
+        "cam": _cam_params(k_cam, width, width, value_width, init_discount),
+        "head": head,
+    }
+
+
+def init_coordinate_theta(
+    key: jax.Array, *, num_inputs: int, width: int, value_width: int, head_hidden: int, init_discount: float
+) -> dict:
+    """θ of the ``coordinate`` variant: CAM projections + τ and the head."""
+    k_cam, k_h = jax.random.split(key)
+    hidden = _dense(k_h, value_width + num_inputs, head_hidden)
+    return {
+        "cam": _cam_params(k_cam, num_inputs, width, value_width, init_discount),
+        "head": {"w_h": hidden["w"], "b_h": hidden["b"], **_zero_head_out(head_hidden)},
+    }
+
+
+def _project(p: dict, x: jax.Array) -> jax.Array:
+    return x @ p["w"] + p["b"]
+
+
+class TensorMemory(NamedTuple):
+    """Sublinear per-tensor state of the ``tensor`` variant (all tensors stacked).
+
+    ``cam``: one CAM stream per meta-token of every tensor, ``(L·b, r, e)``.
+    ``token_moments``: ``(L, b, T, 3)`` token means of m1, m2 and v. Pooling is
+    linear, so the EMA of the pooled gradient *is* the pooled momentum: keeping
+    it per token spares a reduction pass over the per-coordinate moments.
+    """
+
+    cam: CAMState
+    token_moments: jax.Array
+
+
+def init_tensor_memory(
+    num_leaves: int, num_chunks: int, tokens_per_chunk: int, num_features: int, value_width: int
+) -> TensorMemory:
+    return TensorMemory(
+        cam=cam_init((num_leaves * num_chunks,), num_features, value_width),
+        token_moments=jnp.zeros((num_leaves, num_chunks, tokens_per_chunk, 3), jnp.float32),
+    )
+
+
+def pool_leaf(g: jax.Array, param: jax.Array | None, layout: ChunkLayout) -> tuple[jax.Array, jax.Array]:
+    """Pooling level 1 for one tensor: token means of g, g² (and p, p²).
+
+    Only cheap expressions of the inputs, so each is a single read-only
+    reduction pass; everything nonlinear happens on the small token arrays.
+    """
+    raw = [g, g * g]
+    if param is not None:
+        raw += [param, param * param]
+    return pool_tokens(raw, layout)
+
+
+def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: float) -> jax.Array:
+    """Scale-free token statistics (tiny arrays: the nonlinearities are free here)."""
+    c1, c2, cv = corr
+    g, gsq = means[..., 0], means[..., 1]
+    rms = jnp.sqrt(jnp.maximum(moments[..., 2] * cv, 0.0)) + eps
+    feats = [
+        moments[..., 0] * c1 / rms,  # token mean of m̂1, in units of the RMS gradient
+        moments[..., 1] * c2 / rms,  # same for the slow momentum
+        g * jax.lax.rsqrt(gsq + 1e-30),  # gradient coherence inside the token, in [-1, 1]
+        0.1 * jnp.log(rms),  # gradient scale (log; /10 keeps it O(1))
+    ]
+    if means.shape[-1] > 2:
+        p_rms = jnp.sqrt(jnp.maximum(means[..., 3], 0.0)) + 1e-8
+        feats += [means[..., 2] / p_rms, 0.1 * jnp.log(p_rms)]  # parameter sign bias, scale
+    return jnp.stack(feats, axis=-1)
+
+
+def tensor_context(
+    theta: dict,
+    means: jax.Array,
+    mask: jax.Array,
+    memory: TensorMemory,
+    omega_hpe: jax.Array,
+    omega_cam: jax.Array,
+    *,
+    betas: tuple[float, float, float],
+    bias_corrections: tuple[jax.Array, jax.Array, jax.Array],
+    eps: float,
+    global_ctx: jax.Array | None = None,
+) -> tuple[jax.Array, TensorMemory, jax.Array]:
+    """HPE → CAM → per-chunk head context for all tensors at once.
+
+    ``means (L, b, T, K)`` from :func:`pool_leaf` stacked over the L tensors;
+    ``mask (L, b, T)``. Batching the tensors keeps the number of small kernels
+    independent of the number of parameter leaves. Returns the context
+    ``(L, b, H)`` (added to the head's first layer), the new memory and a flag
+    that is False if any gradient entry was non-finite (a non-finite entry
+    makes its token's sums non-finite, so this check costs nothing extra).
+    """
+    num_leaves, b, t, _ = means.shape
+    finite = jnp.all(jnp.isfinite(means))
+    b1, b2, bv = betas
+    g, gsq = means[..., 0], means[..., 1]
+    old = memory.token_moments
+    moments = jnp.stack(
+        [b1 * old[..., 0] + (1 - b1) * g, b2 * old[..., 1] + (1 - b2) * g, bv * old[..., 2] + (1 - bv) * gsq],
+        axis=-1,
+    )
+    tokens = _token_features(means, moments, bias_corrections, eps)
+    # Spatial encoder: chunked bidirectional Performer + pooling → b meta-tokens per tensor.
+    meta = encode(theta["hpe"], tokens.reshape(num_leaves * b, t, -1), mask.reshape(num_leaves * b, t), omega_hpe)
+    # Temporal encoder: one CAM stream per meta-token (Eqs. 2, 4, 5).
+    cam = theta["cam"]
+    scale = meta.shape[-1] ** -0.25
+    q = _project(cam["q"], meta) * scale
+    k = _project(cam["k"], meta) * scale
+    v = _project(cam["v"], meta)
+    cam_state, read = cam_step(memory.cam, q, k, v, omega_cam, jax.nn.softplus(cam["tau_raw"]))
+    ctx_in = [read, meta]
+    if global_ctx is not None:
+        ctx_in.append(jnp.broadcast_to(global_ctx, (meta.shape[0], global_ctx.shape[-1])))
+    head = theta["head"]
+    ctx = jnp.concatenate(ctx_in, axis=-1) @ head["ctx_w"] + head["ctx_b"]
+    return ctx.reshape(num_leaves, b, -1), TensorMemory(cam_state, moments), finite
+
+
+def tensor_head(
+    head: dict,
+    ctx: jax.Array,
+    g: jax.Array,
+    m1: jax.Array,
+    m2: jax.Array,
+    v: jax.Array,
+    param: jax.Array | None,
+    layout: ChunkLayout,
+    *,
+    bias_corrections: tuple[jax.Array, jax.Array, jax.Array],
+    eps: float,
+    magnitude_scale: float,
+) -> jax.Array:
+    """Per-coordinate MLP of one tensor → direction ``d·exp(β·s)`` (same shape as ``g``).
+
+    Runs on the ``(b, T·P)`` chunk view so each chunk's context ``ctx (b, H)``
+    broadcasts along rows, and is unrolled into elementwise multiply-adds (one
+    fused loop; no ``stack(...) @ W``). With the zero-initialised output layer,
+    ``d`` is Adam's ``m̂/(√v̂+ε)`` and ``s = 0``.
+    """
+    shape = g.shape
+    c1, c2, cv = bias_corrections
+
+    def view(a: jax.Array) -> jax.Array:
+        return to_chunks(a, layout)
+
+    inv = 1.0 / (jnp.sqrt(view(v) * cv) + eps)
+    adam_dir = view(m1) * (c1 * inv)
+    coord = [adam_dir, view(m2) * (c2 * inv), view(g) * inv]
+    if param is not None:
+        coord.append(view(param))
+    w1, w_d, w_s = head["w1"], head["w_d"], head["w_s"]
+    d = adam_dir
+    s = head["b_s"]
+    for j in range(w1.shape[1]):
+        pre = ctx[:, j : j + 1]
+        for i, f in enumerate(coord):
+            pre = pre + w1[i, j] * f
+        h = jnp.maximum(pre, 0.0)
+        d = d + w_d[j] * h
+        s = s + w_s[j] * h
+    return from_chunks(d * jnp.exp(magnitude_scale * s), layout, shape)
+
+
+def preprocess(x: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
+    """Classic learned-optimizer input scaling (Andrychowicz et al.), two channels.
+
+    ``(log|x|/p, sign x)`` if ``|x| ≥ e^{-p}``, else ``(-1, e^{p} x)``: scale-free
+    for large inputs, linear near zero.
+    """
+    big = jnp.abs(x) >= math.exp(-p)
+    log_abs = jnp.log(jnp.maximum(jnp.abs(x), math.exp(-p))) / p
+    return jnp.where(big, log_abs, -1.0), jnp.where(big, jnp.sign(x), math.exp(p) * x)
+
+
+def coordinate_cam(
+    theta: dict,
+    inputs: jax.Array,
+    adam_dir: jax.Array,
+    memory: CAMState,
+    omega: jax.Array,
+    *,
+    magnitude_scale: float,
+) -> tuple[jax.Array, CAMState]:
+    """One ``coordinate``-variant step: ``inputs (..., F)`` per coordinate, own CAM each."""
+    cam = theta["cam"]
+    scale = cam["q"]["w"].shape[-1] ** -0.25
+    q = _project(cam["q"], inputs) * scale
+    k = _project(cam["k"], inputs) * scale
+    v = _project(cam["v"], inputs)
+    memory, read = cam_step(memory, q, k, v, omega, jax.nn.softplus(cam["tau_raw"]))
+    head = theta["head"]
+    h = jax.nn.relu(jnp.concatenate([read, inputs], axis=-1) @ head["w_h"] + head["b_h"])
+    d = adam_dir + h @ head["w_d"]
+    s = h @ head["w_s"] + head["b_s"]
+    return d * jnp.exp(magnitude_scale * s), memory

@@ -1,0 +1,427 @@
+"""The Mnemosyne learned optimizer as an optax transformation.
+
+``mnemosyne(theta, config)`` returns an ``optax.GradientTransformationExtraArgs``.
+θ (the meta-learned weights) is *data*: it lives in the optimizer state, so a
+state built from another θ of the same config runs through the same compiled
+train step (no recompilation) and uses that θ — like ``optax.inject_hyperparams``.
+
+The random FAVOR+ directions ω are not part of θ: they are derived from
+``config.feature_seed``, fixed for the optimizer's lifetime and never perturbed
+by evolution strategies.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> config = MnemosyneConfig()
+    >>> theta = init_theta(jax.random.key(0), config)
+    >>> tx = mnemosyne(theta, config)
+    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> round(float(updates["b"][0]), 6)   # a fresh θ takes Adam's first step: -lr·sign(g)
+    -0.001
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mnemosyne_core.cam import CAMState, cam_init
+from mnemosyne_core.favor import orthogonal_directions
+from mnemosyne_core.head import (
+    TensorMemory,
+    coordinate_cam,
+    init_tensor_memory,
+    pool_leaf,
+    tensor_context,
+    tensor_head,
+    init_coordinate_theta,
+    init_tensor_theta,
+    preprocess,
+)
+from mnemosyne_core.hpe import ChunkLayout, chunk_layout
+
+__all__ = [
+    "MnemosyneConfig",
+    "MnemosyneState",
+    "init_theta",
+    "validate_theta",
+    "mnemosyne",
+    "scale_by_mnemosyne",
+    "feature_directions",
+]
+
+VARIANTS = ("tensor", "coordinate")
+
+
+@dataclasses.dataclass(frozen=True)
+class MnemosyneConfig:
+    """Static architecture and hyper-parameters (JSON-able; θ is separate).
+
+    Shared: ``learning_rate`` α (update = -α·d·exp(β·s)), ``beta1`` (Adam
+    momentum, the initial direction), ``beta2`` (a slower momentum feature),
+    ``beta_v`` (second moment), ``eps``, ``magnitude_scale`` β,
+    ``init_discount`` (CAM's τ at initialisation), ``feature_seed`` (ω).
+    ``use_loss_feature`` feeds log(loss/first loss) to the head and then
+    requires ``update(..., loss=...)``.
+
+    ``tensor``: ``num_features`` r, ``width`` N (meta-token width), ``value_width``
+    (CAM value width), ``num_meta_tokens`` b per tensor, ``tokens_per_chunk`` T,
+    ``hpe_hidden``, ``head_hidden`` H, ``use_param_feature`` (the parameter value
+    is a head input; then ``params`` are required).
+
+    ``coordinate``: ``coord_num_features``, ``coord_width``, ``coord_value_width``,
+    ``coord_head_hidden``, ``preprocess_p``.
+    """
+
+    variant: str = "tensor"
+    feature_seed: int = 0
+    learning_rate: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    beta_v: float = 0.999
+    eps: float = 1e-8
+    magnitude_scale: float = 1.0
+    init_discount: float = 0.1
+    use_loss_feature: bool = False
+    # tensor variant
+    num_features: int = 16
+    width: int = 8
+    value_width: int = 4
+    num_meta_tokens: int = 2
+    tokens_per_chunk: int = 8
+    hpe_hidden: int = 16
+    head_hidden: int = 4
+    use_param_feature: bool = True
+    # coordinate variant
+    coord_num_features: int = 4
+    coord_width: int = 2
+    coord_value_width: int = 1
+    coord_head_hidden: int = 4
+    preprocess_p: float = 10.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = type(f.default)
+            ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))  # accept 1 for 1.0
+                ok = True
+            if not ok:
+                raise ValueError(f"MnemosyneConfig.{f.name} must be {expected.__name__}, got {value!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("num_features", "coord_num_features"):
+            value = getattr(self, name)
+            if value < 2 or value % 2:
+                raise ValueError(f"{name} must be an even int ≥ 2 (features come in ± pairs), got {value}")
+        for name in ("width", "value_width", "num_meta_tokens", "tokens_per_chunk", "hpe_hidden",
+                     "head_hidden", "coord_width", "coord_value_width", "coord_head_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "beta_v"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("learning_rate", "eps", "init_discount", "preprocess_p"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {value}")
+        if not np.isfinite(self.magnitude_scale):
+            raise ValueError(f"magnitude_scale must be finite, got {self.magnitude_scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists in JSON; :meth:`from_dict` restores them)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MnemosyneConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown MnemosyneConfig fields: {unknown}")
+        kwargs = {k: tuple(v) if isinstance(names[k].default, tuple) and isinstance(v, list) else v
+                  for k, v in d.items()}
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+class MnemosyneState(NamedTuple):
+    """Optimizer state. Only ``moments`` scales with the number of parameters."""
+
+    count: jax.Array  # int32: applied (finite) steps, drives bias correction
+    skipped: jax.Array  # int32: steps skipped because of non-finite gradients
+    theta: Any  # the meta-learned weights in use
+    moments: dict[str, Any]  # name -> pytree like params (float32)
+    memory: TensorMemory | tuple[CAMState, ...]  # tensor: stacked per-tensor memory; coordinate: per leaf
+    loss0: jax.Array  # float32: first loss seen (NaN until then); for use_loss_feature
+
+
+# ---------------------------------------------------------------- θ and ω
+
+
+def _num_coord_features(config: MnemosyneConfig) -> int:
+    return 4 if config.use_param_feature else 3  # adam dir, slow-momentum dir, g/√v, (param)
+
+
+def _num_token_features(config: MnemosyneConfig) -> int:
+    return 6 if config.use_param_feature else 4  # see head._token_features
+
+
+def init_theta(key: jax.Array, config: MnemosyneConfig) -> dict:
+    """Fresh θ (pytree of float32 arrays); the learned corrections start at zero (= Adam)."""
+    if not isinstance(config, MnemosyneConfig):
+        raise TypeError(f"config must be a MnemosyneConfig, got {type(config).__name__}")
+    if config.variant == "tensor":
+        return init_tensor_theta(
+            key,
+            num_pool=_num_token_features(config),
+            num_coord=_num_coord_features(config),
+            width=config.width,
+            value_width=config.value_width,
+            hpe_hidden=config.hpe_hidden,
+            head_hidden=config.head_hidden,
+            extra_ctx=1 if config.use_loss_feature else 0,
+            init_discount=config.init_discount,
+        )
+    return init_coordinate_theta(
+        key,
+        num_inputs=4 + (1 if config.use_loss_feature else 0),
+        width=config.coord_width,
+        value_width=config.coord_value_width,
+        head_hidden=config.coord_head_hidden,
+        init_discount=config.init_discount,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_theta_shapes(config: MnemosyneConfig) -> Any:
+    return jax.eval_shape(lambda: init_theta(jax.random.key(0), config))
+
+
+def validate_theta(theta: Any, config: MnemosyneConfig) -> None:
+    """Raise ``ValueError`` naming the first leaf whose structure, shape or dtype is wrong."""
+    expected = _expected_theta_shapes(config)
+    exp_leaves, exp_def = jax.tree_util.tree_flatten_with_path(expected)
+    try:
+        got_leaves, got_def = jax.tree_util.tree_flatten_with_path(theta)
+    except Exception as exc:  # pragma: no cover - exotic non-pytrees
+        raise ValueError(f"theta is not a pytree: {exc}") from exc
+    if got_def != exp_def:
+        exp_paths = {jax.tree_util.keystr(p) for p, _ in exp_leaves}
+        got_paths = {jax.tree_util.keystr(p) for p, _ in got_leaves}
+        raise ValueError(
+            f"theta does not match the {config.variant!r} config's structure: "
+            f"missing {sorted(exp_paths - got_paths)}, unexpected {sorted(got_paths - exp_paths)}"
+            + ("" if exp_paths != got_paths else f" (expected tree {exp_def}, got {got_def})")
+        )
+    for (path, e), (_, g) in zip(exp_leaves, got_leaves):
+        dtype = g.dtype if hasattr(g, "dtype") else np.asarray(g).dtype
+        shape = np.shape(g)
+        if tuple(shape) != tuple(e.shape) or dtype != e.dtype:
+            raise ValueError(
+                f"theta leaf {jax.tree_util.keystr(path)}: expected shape {tuple(e.shape)} "
+                f"dtype {e.dtype}, got shape {tuple(shape)} dtype {dtype}"
+            )
+
+
+@functools.lru_cache(maxsize=64)
+def _directions_np(config: MnemosyneConfig) -> tuple[np.ndarray, np.ndarray]:
+    with jax.ensure_compile_time_eval():
+        k_hpe, k_cam = jax.random.split(jax.random.key(config.feature_seed))
+        if config.variant == "tensor":
+            r, dim = config.num_features, config.width
+        else:
+            r, dim = config.coord_num_features, config.coord_width
+        return (np.asarray(orthogonal_directions(k_hpe, r // 2, dim)),
+                np.asarray(orthogonal_directions(k_cam, r // 2, dim)))
+
+
+def feature_directions(config: MnemosyneConfig) -> dict[str, jax.Array]:
+    """The fixed FAVOR+ directions ω (``"hpe"`` and ``"cam"``), a function of ``feature_seed`` only."""
+    hpe, cam = _directions_np(config)
+    return {"hpe": jnp.asarray(hpe), "cam": jnp.asarray(cam)}
+
+
+# ---------------------------------------------------------------- transform
+
+
+def _moment_names(config: MnemosyneConfig) -> tuple[str, ...]:
+    return ("m1", "m2", "v") if config.variant == "tensor" else ("m1", "v")
+
+
+def _layout(config: MnemosyneConfig, leaf: jax.Array) -> ChunkLayout:
+    return chunk_layout(max(1, int(np.prod(jnp.shape(leaf), dtype=np.int64))), config.num_meta_tokens,
+                        config.tokens_per_chunk)
+
+
+def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientTransformationExtraArgs:
+    if not isinstance(config, MnemosyneConfig):
+        raise TypeError(f"config must be a MnemosyneConfig, got {type(config).__name__}")
+    validate_theta(theta, config)
+    theta = jax.tree.map(jnp.asarray, theta)
+    omega_np = _directions_np(config)
+    needs_params = config.variant == "tensor" and config.use_param_feature
+
+    def init_fn(params: Any) -> MnemosyneState:
+        leaves = jax.tree.leaves(params)
+        moments = {name: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+                   for name in _moment_names(config)}
+        if config.variant == "tensor":
+            memory = init_tensor_memory(len(leaves), config.num_meta_tokens, config.tokens_per_chunk,
+                                        config.num_features, config.value_width)
+        else:
+            memory = tuple(cam_init(tuple(jnp.shape(leaf)), config.coord_num_features, config.coord_value_width)
+                           for leaf in leaves)
+        return MnemosyneState(
+            count=jnp.zeros((), jnp.int32),
+            skipped=jnp.zeros((), jnp.int32),
+            theta=theta,
+            moments=moments,
+            memory=memory,
+            loss0=jnp.full((), jnp.nan, jnp.float32),
+        )
+
+    def update_fn(grads: Any, state: MnemosyneState, params: Any = None, *, loss: Any = None, **extra: Any):
+        del extra  # unknown keyword arguments are ignored (optax contract)
+        if needs_params and params is None:
+            raise ValueError(
+                "mnemosyne(variant='tensor', use_param_feature=True).update needs params: "
+                "call tx.update(grads, state, params)"
+            )
+        if config.use_loss_feature and loss is None:
+            raise ValueError("this Mnemosyne config has use_loss_feature=True: pass update(..., loss=loss_value)")
+        validate_theta(state.theta, config)
+        g_leaves, treedef = jax.tree.flatten(grads)
+        p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(g_leaves)
+        built_for = (state.memory.token_moments.shape[0] if config.variant == "tensor" else len(state.memory))
+        if built_for != len(g_leaves):
+            raise ValueError(f"state was built for {built_for} parameter leaves, grads have {len(g_leaves)}")
+        moments = {k: treedef.flatten_up_to(v) for k, v in state.moments.items()}
+
+        # A single non-finite gradient entry skips the whole step (updates 0,
+        # state kept). For `tensor` the check is free: the HPE pooling sums over
+        # every coordinate of m and v are non-finite iff some gradient is.
+        # Selects are scalar-predicated, so they fuse into the elementwise loops.
+        ok = jnp.array(True)
+        if config.variant != "tensor":
+            for g in g_leaves:
+                ok = ok & jnp.all(jnp.isfinite(g))
+        global_ctx = None
+        loss0 = state.loss0
+        if config.use_loss_feature:
+            loss = jnp.asarray(loss, jnp.float32)
+            loss_ok = jnp.isfinite(loss)
+            ok = ok & loss_ok
+            first = jnp.where(jnp.isnan(loss0) & loss_ok, loss, loss0)
+            ratio = jnp.maximum(loss, 1e-30) / jnp.maximum(first, 1e-30)
+            global_ctx = jnp.log(jnp.where(loss_ok, ratio, 1.0))[None]
+
+        # Bias corrections as scalar reciprocals: per-coordinate multiplies, not divides.
+        t = (state.count + 1).astype(jnp.float32)
+        c1, c2, cv = (1 / (1 - beta ** t) for beta in (config.beta1, config.beta2, config.beta_v))
+        theta_s = state.theta
+        omega_hpe, omega_cam = (jnp.asarray(o) for o in omega_np)
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        b1, b2, bv = config.beta1, config.beta2, config.beta_v
+        corr = (c1, c2, cv)
+        g32s = [g.astype(jnp.float32) for g in g_leaves]
+        directions = []
+        if config.variant == "tensor":
+            # Phase 1 (read-only reductions) → phase 2 (tiny HPE/CAM on all
+            # tensors at once; gives `ok`) → phase 3 (one fused elementwise
+            # loop per state array + one for the head).
+            layouts = [_layout(config, g) for g in g_leaves]
+            params32 = [p.astype(jnp.float32) if config.use_param_feature else None for p in p_leaves]
+            pooled = [pool_leaf(g, p, lay) for g, p, lay in zip(g32s, params32, layouts)]
+            means = jnp.stack([m for m, _ in pooled]) if pooled else None
+            if pooled:
+                ctx, memory, finite = tensor_context(
+                    theta_s, means, jnp.stack([k for _, k in pooled]), state.memory, omega_hpe, omega_cam,
+                    betas=(b1, b2, bv), bias_corrections=corr, eps=config.eps, global_ctx=global_ctx,
+                )
+                ok = ok & finite
+                new_memory = keep(memory, state.memory)
+            else:
+                new_memory = state.memory
+            new_moments = {"m1": [], "m2": [], "v": []}
+            for i, g in enumerate(g32s):
+                m1 = keep(b1 * moments["m1"][i] + (1 - b1) * g, moments["m1"][i])
+                m2 = keep(b2 * moments["m2"][i] + (1 - b2) * g, moments["m2"][i])
+                v = keep(bv * moments["v"][i] + (1 - bv) * g * g, moments["v"][i])
+                new_moments["m1"].append(m1)
+                new_moments["m2"].append(m2)
+                new_moments["v"].append(v)
+                directions.append(tensor_head(
+                    theta_s["head"], ctx[i], g, m1, m2, v, params32[i], layouts[i],
+                    bias_corrections=corr, eps=config.eps, magnitude_scale=config.magnitude_scale,
+                ))
+        else:
+            new_moments = {"m1": [], "v": []}
+            memories = []
+            for i, g in enumerate(g32s):
+                m1 = b1 * moments["m1"][i] + (1 - b1) * g
+                v = bv * moments["v"][i] + (1 - bv) * g * g
+                inv = 1.0 / (jnp.sqrt(v * cv) + config.eps)
+                pg = preprocess(g, config.preprocess_p)
+                pm = preprocess(m1 * c1, config.preprocess_p)
+                inputs = [pg[0], pg[1], pm[0], pm[1]]
+                if global_ctx is not None:
+                    inputs.append(jnp.broadcast_to(global_ctx[0], g.shape))
+                direction, mem = coordinate_cam(
+                    theta_s, jnp.stack(inputs, axis=-1), m1 * (c1 * inv), state.memory[i], omega_cam,
+                    magnitude_scale=config.magnitude_scale,
+                )
+                new_moments["m1"].append(keep(m1, moments["m1"][i]))
+                new_moments["v"].append(keep(v, moments["v"][i]))
+                memories.append(keep(mem, state.memory[i]))
+                directions.append(direction)
+            new_memory = tuple(memories)
+
+        updates = []
+        for i, g in enumerate(g_leaves):
+            out_dtype = p_leaves[i].dtype if p_leaves[i] is not None else g.dtype
+            updates.append(jnp.where(ok, scale * directions[i], 0.0).astype(out_dtype))
+        count = state.count + ok.astype(jnp.int32)
+        if config.use_loss_feature:
+            loss0 = jnp.where(ok, first, state.loss0)
+        new_state = MnemosyneState(
+            count=count,
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+            theta=state.theta,
+            moments={k: treedef.unflatten(v) for k, v in new_moments.items()},
+            memory=new_memory,
+            loss0=loss0,
+        )
+        return treedef.unflatten(updates), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def mnemosyne(theta: Any, config: MnemosyneConfig) -> optax.GradientTransformationExtraArgs:
+    """The full optimizer: ``update = -α · d · exp(β·s)`` with α = ``config.learning_rate``.
+
+    Raises ``ValueError`` if θ does not match ``config``.
+    """
+    return _build(theta, config, -config.learning_rate)
+
+
+def scale_by_mnemosyne(theta: Any, config: MnemosyneConfig) -> optax.GradientTransformationExtraArgs:
+    """Direction only (``+d·exp(β·s)``, like ``optax.scale_by_adam``); chain your own schedule::
+
+        tx = optax.chain(scale_by_mnemosyne(theta, config), optax.scale_by_learning_rate(schedule))
+    """
+    return _build(theta, config, 1.0)
