@@ -15,10 +15,12 @@ task name                  environment                      surrogate
 
 A batch is a rollout key: ``loss(params, key)`` rolls the current policy out in
 ``num_envs`` vmapped envs for ``horizon`` steps and returns the surrogate.
-The *value* of the loss is replaced (without changing its gradient) by
-``-first-episode return / horizon``, so loss curves — and meta-objectives built
-from them — measure how well the policy does, not the surrogate's arbitrary
-level. ``evaluate`` runs the greedy policy for a full episode on a fixed key.
+The *value* of the loss is replaced (without changing its gradient) by the
+per-step regret of each env's first episode in the window,
+``reward_scale * (reward_max - return / horizon) + LOSS_FLOOR`` (always > 0;
+steps after a termination count as zero reward), so loss curves — and
+meta-objectives built from them, e.g. log loss ratios — measure how well the
+policy does, not the surrogate's arbitrary level. ``evaluate`` runs the greedy policy for a full episode on a fixed key.
 
 Observations are normalised with fixed statistics from a rollout of the initial
 (near-random) policy on ``norm_seed`` — deterministic, and identical in every
@@ -51,16 +53,27 @@ from mnemosyne_core.tasks.robotics_policy import (
     rollout,
 )
 
-__all__ = ["ENV_DEFAULTS", "FAMILIES", "RoboticsFamily", "RoboticsTask", "UnknownEnvError", "robotics_spec"]
+__all__ = ["ENV_DEFAULTS", "FAMILIES", "LOSS_FLOOR", "RoboticsFamily", "RoboticsTask", "UnknownEnvError", "robotics_spec"]
 
 # Per-env defaults, chosen so a few hundred updates visibly improve the policy.
+# Per-env defaults, chosen so a few hundred Adam updates visibly improve the
+# policy. ``reward_max`` bounds the per-step reward from above (see ``_regret``).
 ENV_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gymnax_pendulum": {"surrogate": "bptt", "horizon": 32, "gamma": 0.95, "reward_scale": 0.1, "eval_steps": 200},
-    "gymnax_cartpole": {"surrogate": "a2c", "horizon": 64, "reward_scale": 0.1, "eval_steps": 500},
-    "gymnax_acrobot": {"surrogate": "a2c", "horizon": 64, "reward_scale": 0.1, "eval_steps": 500},
-    "brax_inverted_pendulum": {"surrogate": "a2c", "horizon": 64, "reward_scale": 0.1, "eval_steps": 200},
-    "brax_reacher": {"surrogate": "a2c", "horizon": 64, "reward_scale": 1.0, "eval_steps": 200},
+    "gymnax_pendulum": {"surrogate": "bptt", "horizon": 32, "gamma": 0.95, "reward_scale": 0.1,
+                        "reward_max": 0.0, "eval_steps": 200},
+    "gymnax_cartpole": {"surrogate": "a2c", "horizon": 64, "reward_scale": 0.1, "reward_max": 1.0,
+                        "eval_steps": 500},
+    "gymnax_acrobot": {"surrogate": "a2c", "horizon": 64, "reward_scale": 0.1, "reward_max": 0.0,
+                       "eval_steps": 500},
+    "brax_inverted_pendulum": {"surrogate": "a2c", "horizon": 128, "reward_scale": 0.1,
+                               "reward_max": 1.0, "eval_steps": 200},
+    "brax_reacher": {"surrogate": "a2c", "horizon": 64, "reward_scale": 1.0, "reward_max": 0.0,
+                     "eval_steps": 200},
 }
+
+# Added to every reported loss so a solved task (regret 0) keeps log-ratio
+# meta-objectives finite.
+LOSS_FLOOR = 1e-2
 
 
 class RoboticsTask:
@@ -95,6 +108,7 @@ class RoboticsTask:
         self.gae_lambda = float(gae_lambda)
         self.vf_coef, self.ent_coef = float(vf_coef), float(ent_coef)
         self.reward_scale = float(reward_scale if reward_scale is not None else defaults["reward_scale"])
+        self.reward_max = float(defaults["reward_max"])
         self.eval_key = jax.random.key(int(eval_seed))
         # The env's own time limit is the evaluation episode length, so that a
         # full greedy episode is truncated exactly where the env says.
@@ -129,7 +143,7 @@ class RoboticsTask:
         else:
             surrogate = a2c_loss(params, self.norm, traj, self.gamma, self.gae_lambda,
                                  self.reward_scale, self.vf_coef, self.ent_coef)
-        score = -jnp.mean(first_episode_return(traj)) * self.reward_scale / self.horizon
+        score = self._regret(jnp.mean(first_episode_return(traj)), self.horizon)
         # value = score, gradient = d surrogate (see the module docstring)
         return surrogate + jax.lax.stop_gradient(score - surrogate)
 
@@ -140,7 +154,10 @@ class RoboticsTask:
 
     def evaluate(self, params: dict[str, Any]) -> dict[str, jax.Array]:
         ret = self.episode_return(params, self.eval_key)
-        return {"test_loss": -ret * self.reward_scale / self.eval_steps, "return": ret}
+        return {"test_loss": self._regret(ret, self.eval_steps), "return": ret}
+
+    def _regret(self, episode_return: jax.Array, steps: int) -> jax.Array:
+        return self.reward_scale * (self.reward_max - episode_return / steps) + LOSS_FLOOR
 
 
 def _register(name: str) -> None:

@@ -1,0 +1,117 @@
+"""Optimizer specs for policy training: ``adam:LR``, ``sgd:LR``, a pretrained name,
+a checkpoint path or a ``grpc://`` registry URI.
+
+Learned optimizers come from ``mnemosyne_core.checkpoint.load`` (paths and
+``grpc://`` URIs) or ``mnemosyne_core.pretrained(name)``; the checkpoint's config
+type decides which transform (Mnemosyne or the LSTM baseline) runs θ.
+
+Example:
+    >>> tx, info = resolve_optimizer("adam:1e-3")
+    >>> info["kind"], info["learning_rate"]
+    ('adam', 0.001)
+"""
+from __future__ import annotations
+
+import importlib
+import pathlib
+from typing import Any
+
+import optax
+
+PRETRAINED_NAMES = ("default", "robotics")
+PLAIN = {"adam": optax.adam, "sgd": optax.sgd}
+
+
+class OptimizerSpecError(ValueError):
+    """An optimizer spec that cannot be turned into a usable optimizer (one line)."""
+
+
+def resolve_optimizer(spec: str) -> tuple[optax.GradientTransformationExtraArgs, dict[str, Any]]:
+    """Parse ``spec`` into an optax transformation and a JSON-able description."""
+    spec = spec.strip()
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in PLAIN and not rest.startswith("//"):
+        try:
+            lr = float(rest)
+        except ValueError:
+            raise OptimizerSpecError(f"bad learning rate in {spec!r}: expected e.g. '{kind}:1e-3'") from None
+        if not lr > 0:
+            raise OptimizerSpecError(f"learning rate must be > 0 in {spec!r}")
+        tx = optax.with_extra_args_support(PLAIN[kind](lr))
+        return tx, {"spec": spec, "kind": kind, "learning_rate": lr}
+    if spec in PRETRAINED_NAMES:
+        theta, config, metadata = _load_pretrained(spec)
+    elif spec.startswith("grpc://") or pathlib.Path(spec).exists():
+        theta, config, metadata = _load_checkpoint(spec)
+    elif "/" in spec or spec.endswith(".msgpack"):
+        raise OptimizerSpecError(f"optimizer checkpoint {spec!r} does not exist")
+    else:
+        raise OptimizerSpecError(
+            f"unknown optimizer {spec!r}: use adam:LR, sgd:LR, {', '.join(PRETRAINED_NAMES)}, "
+            "a checkpoint path or grpc://HOST:PORT/NAME[@VERSION]")
+    return learned_transform(theta, config, spec), {
+        "spec": spec, "kind": _kind_of(config, spec), "metadata": _jsonable(metadata)}
+
+
+def learned_transform(theta: Any, config: Any, spec: str = "checkpoint") -> optax.GradientTransformationExtraArgs:
+    """The optax transform that runs ``theta`` under ``config`` (Mnemosyne or LSTM)."""
+    from mnemosyne_core.meta.learned import LearnedOptimizer
+
+    learned = LearnedOptimizer(_kind_of(config, spec), config)
+    try:
+        return learned.transform(theta)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise OptimizerSpecError(f"optimizer {spec!r} is incompatible: {_one_line(exc)}") from exc
+
+
+def _kind_of(config: Any, spec: str) -> str:
+    from mnemosyne_core.meta.learned import KINDS
+
+    for kind, (_, cfg_name, _, _) in KINDS.items():
+        if type(config).__name__ == cfg_name:
+            return kind
+    raise OptimizerSpecError(
+        f"optimizer {spec!r} is incompatible: config type {type(config).__name__} is not a learned "
+        f"optimizer ({', '.join(sorted(KINDS))})")
+
+
+def _load_checkpoint(spec: str) -> tuple[Any, Any, Any]:
+    try:
+        checkpoint = importlib.import_module("mnemosyne_core.checkpoint")
+    except ModuleNotFoundError as exc:
+        raise OptimizerSpecError(f"cannot load {spec!r}: checkpoint support missing ({exc})") from exc
+    try:
+        return checkpoint.load(spec)
+    except Exception as exc:  # CheckpointError, registry errors, corrupt files: all one line
+        raise OptimizerSpecError(f"cannot load optimizer {spec!r}: {_one_line(exc)}") from exc
+
+
+def _load_pretrained(name: str) -> tuple[Any, Any, Any]:
+    import mnemosyne_core
+
+    try:
+        loaded = mnemosyne_core.pretrained(name)
+    except Exception as exc:
+        raise OptimizerSpecError(f"pretrained optimizer {name!r} is not available: {_one_line(exc)}") from exc
+    # pretrained() may hand back the checkpoint triple or a ready optax transform.
+    if isinstance(loaded, tuple) and len(loaded) == 3:
+        return loaded
+    theta = mnemosyne_core.pretrained_theta(name)
+    if isinstance(theta, tuple) and len(theta) >= 2:
+        return theta[0], theta[1], theta[2] if len(theta) > 2 else {}
+    raise OptimizerSpecError(f"pretrained optimizer {name!r}: unexpected format {type(loaded).__name__}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
