@@ -297,25 +297,29 @@ def describe_checkpoint(data: bytes, meta: pb.VersionMetadata) -> None:
     if checkpoint is None:
         return
     try:
-        theta, config, ckpt_meta = checkpoint.from_bytes(data)
+        if hasattr(checkpoint, "read_header"):  # header only: no need to decode θ
+            header, _ = checkpoint.read_header(data)
+            spec, fingerprint = header["architecture"], header["theta_fingerprint"]
+            extra, ckpt_meta = header.get("required_extra_args") or [], header.get("metadata") or {}
+        else:
+            theta, config, ckpt_meta = checkpoint.from_bytes(data)
+            spec, fingerprint = checkpoint.architecture_spec(config), checkpoint.theta_fingerprint(theta)
+            extra = ["loss"] if getattr(config, "use_loss_feature", False) else []
     except Exception:  # noqa: BLE001 - not a checkpoint: published as opaque bytes
         return
     compat.format = compat.format or "mnemosyne-checkpoint"
-    if not compat.theta_fingerprint:
-        compat.theta_fingerprint = checkpoint.theta_fingerprint(theta)
-    if not compat.architecture_spec_json:
-        compat.architecture_spec_json = json.dumps(checkpoint.architecture_spec(config), sort_keys=True)
-    extra = getattr(config, "required_extra_args", None)
-    if extra is None and getattr(config, "use_loss_feature", False):
-        extra = ("loss",)
+    compat.theta_fingerprint = compat.theta_fingerprint or fingerprint
+    compat.architecture_spec_json = compat.architecture_spec_json or json.dumps(spec, sort_keys=True)
     if extra and not compat.required_extra_args:
         compat.required_extra_args.extend(extra)
-    ckpt_meta = ckpt_meta or {}
+    ckpt_meta = ckpt_meta if isinstance(ckpt_meta, dict) else {}
     for key in ("run_id", "task_family_fingerprint"):
         if not getattr(lineage, key) and isinstance(ckpt_meta.get(key), str):
             setattr(lineage, key, ckpt_meta[key])
     if not lineage.generation and isinstance(ckpt_meta.get("generation"), int):
         lineage.generation = ckpt_meta["generation"]
+    if not lineage.parent_version and isinstance(ckpt_meta.get("parent_version"), int):
+        lineage.parent_version = ckpt_meta["parent_version"]
 
 
 def decode_checkpoint(version: pb.Version, data: bytes, *, like: Any = None):
