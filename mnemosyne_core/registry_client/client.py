@@ -107,9 +107,14 @@ class RegistryClient:
         data = artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
         if not data:
             raise ValueError("refusing to publish an empty artifact")
-        meta = metadata if isinstance(metadata, pb.VersionMetadata) else json_format.ParseDict(
-            metadata or {}, pb.VersionMetadata()
-        )
+        if isinstance(metadata, pb.VersionMetadata):
+            meta = pb.VersionMetadata()
+            meta.CopyFrom(metadata)  # filled in below; leave the caller's message alone
+        else:
+            try:
+                meta = json_format.ParseDict(metadata or {}, pb.VersionMetadata())
+            except json_format.ParseError as exc:
+                raise ValueError(f"metadata does not fit VersionMetadata: {exc}") from None
         describe_checkpoint(data, meta)
         header = pb.PublishHeader(name=name, metadata=meta, size=len(data), sha256=hashlib.sha256(data).hexdigest())
         view = memoryview(data)

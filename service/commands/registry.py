@@ -113,7 +113,7 @@ def _serve(args) -> int:
             tls_key=_read(args.tls_key, "key"), grace=args.grace, verify_on_start=not args.skip_verify,
         )
     except RuntimeError as exc:  # bind failure
-        raise CLIError(f"{exc} (is another server using the port?)", 1) from None
+        raise CLIError(f"{exc}: is another server using the port?", 1) from None
     except Exception as exc:
         if type(exc).__module__.startswith("sqlalchemy"):
             raise CLIError(f"cannot open database {args.db or '(sqlite)'}: {str(exc).splitlines()[0]}", 1) from None
@@ -126,10 +126,12 @@ def _client(args):
 
     token = None
     if args.token_file:
-        token = _read(args.token_file, "token file").decode().strip().splitlines()
-        if not token or not token[0].strip():
-            raise CLIError(f"token file {args.token_file} is empty")
-        token = token[0].strip()
+        # Same format as the server's token file: the first token line is used.
+        lines = [line.strip() for line in _read(args.token_file, "token file").decode().splitlines()]
+        tokens = [line for line in lines if line and not line.startswith("#")]
+        if not tokens:
+            raise CLIError(f"token file {args.token_file} contains no token")
+        token = tokens[0]
     try:
         return RegistryClient(args.registry, token=token, tls_ca=_read(args.tls_ca, "CA certificate"),
                               timeout=args.timeout)

@@ -63,7 +63,6 @@ def create_server(
     if read_token_required and not tokens:
         raise ValueError("read_token_required needs at least one token")
     registry = registry or Registry(data_dir, db_url, max_chunk_bytes=max_chunk_bytes)
-    registry.recover(verify=verify_on_start)
     interceptors = [BearerTokenInterceptor(tokens, read_token_required)] if tokens else []
     # Accept a chunk at the limit plus framing; bigger messages are refused by gRPC
     # itself (RESOURCE_EXHAUSTED), smaller-but-too-big ones by the handler with a clear message.
@@ -87,12 +86,19 @@ def create_server(
         server,
     )
     address = f"{host}:{port}"
-    if tls_cert is not None:
-        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if tls_cert is not None:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
     if not bound:
+        registry.store.close()
         raise RuntimeError(f"could not bind {address}")
+    # Recover only once the port is ours: a server started by mistake on a busy
+    # port fails above before it touches the data directory.
+    registry.recover(verify=verify_on_start)
     server.registry = registry
     server.health = health_servicer
     return server, bound
