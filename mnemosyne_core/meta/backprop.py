@@ -1,0 +1,72 @@
+"""Truncated backpropagation: ``jax.value_and_grad`` of the meta-loss through K inner steps.
+
+Each particle (one ticket) continues its own persistent inner problem by one
+truncation under the unperturbed θ; the evaluator differentiates the
+truncation's mean log loss ratio w.r.t. θ (the incoming inner state is treated
+as a constant — that is the truncation bias PES removes), clips each particle's
+gradient to ``estimator.grad_clip`` in L2 norm, and sends it back (the only
+estimator whose results carry |θ| floats). The driver averages the usable ones;
+particles with a non-finite loss or gradient are dropped and counted.
+
+Example:
+    >>> import numpy as np
+    >>> from mnemosyne_core.meta.config import MetaConfig
+    >>> cfg = MetaConfig.from_dict({"estimator": {"kind": "backprop", "num_pairs": 2, "truncation": 10}})
+    >>> TruncatedBackprop(cfg, (0, 0)).init({"w": np.zeros(3, np.float32)})["started"]
+    False
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from mnemosyne_core.meta.base import EpisodeSampler, TellStats, match_results
+from mnemosyne_core.meta.config import MetaConfig
+from mnemosyne_core.meta.episodes import EpisodeBook
+from mnemosyne_core.meta.learned import LearnedOptimizer
+from mnemosyne_core.meta.protocol import PairResult, Ticket
+
+__all__ = ["TruncatedBackprop"]
+
+
+class TruncatedBackprop:
+    """Gradient meta-training over persistent truncations; state = the episode book."""
+
+    def __init__(self, config: MetaConfig, run_key: Sequence[int], sampler: EpisodeSampler | None = None):
+        self.config = config
+        self.run_key = tuple(int(x) for x in run_key)
+        self.sampler = sampler or EpisodeSampler(config.tasks, config.estimator.truncation)
+
+    def init(self, theta: Any) -> dict[str, Any]:
+        return {"book": EpisodeBook.fresh(self.config.estimator.num_pairs), "started": False}
+
+    def ask(self, state: dict[str, Any], generation: int) -> tuple[list[Ticket], dict[str, Any]]:
+        tickets = state["book"].tickets(generation, self.sampler, self.run_key, self.config.estimator.truncation,
+                                        first=not state["started"])
+        state["started"] = True
+        return tickets, state
+
+    def tell(self, state: dict[str, Any], tickets: Sequence[Ticket], results: Sequence[PairResult],
+             theta: Any) -> tuple[Any, dict[str, Any], TellStats]:
+        generation = tickets[0].generation if tickets else 0
+        flat, unravel = LearnedOptimizer.ravel(theta)
+        by_pair, stale = match_results(generation, tickets, results)
+        state["book"].advance(generation, tickets, by_pair)
+        used = [t.pair_id for t in tickets
+                if t.pair_id in by_pair and by_pair[t.pair_id].status.usable and by_pair[t.pair_id].grad is not None]
+        grad = np.zeros(flat.size, np.float32)
+        for i in used:
+            g = by_pair[i].grad
+            if g.shape != (flat.size,):
+                raise ValueError(f"pair {i}: gradient has shape {g.shape}, θ has {flat.size} entries")
+            grad += g / len(used)
+        losses = np.array([by_pair[i].loss_pos for i in used])
+        stats = TellStats(
+            meta_loss=float(losses.mean()) if used else float("nan"),
+            pairs_used=len(used),
+            pairs_dropped=len(tickets) - len(used),
+            inner_steps=int(sum(r.inner_steps for r in by_pair.values())),
+            stale_results=stale,
+        )
+        return unravel(grad), state, stats

@@ -1,0 +1,118 @@
+"""What all gradient estimators share: the ask/tell interface, fitness shaping, episode sampling.
+
+An estimator is driver-side and pure bookkeeping, like evosax's strategies:
+``ask(state, generation)`` returns the generation's tickets, ``tell(state,
+tickets, results, theta)`` returns a θ-shaped gradient estimate of the
+meta-loss (to be *minimised* by the outer optimizer), the next state and
+statistics. Static configuration lives in the frozen :class:`MetaConfig`;
+estimator state is a dict of numpy arrays and plain values (checkpointable).
+
+Example:
+    >>> import numpy as np
+    >>> shape_fitness(np.array([3.0, 1.0, 2.0, 10.0]), "centered_rank").tolist()
+    [0.16666666666666663, -0.5, -0.16666666666666669, 0.5]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnemosyne_core.meta.config import MetaConfig, TaskConfig
+from mnemosyne_core.meta.noise import TAG_TASK, sub_key
+from mnemosyne_core.meta.protocol import PairResult, Ticket
+from mnemosyne_core.tasks import TaskSpec
+
+__all__ = ["Estimator", "TellStats", "EpisodeSampler", "shape_fitness", "match_results"]
+
+
+@dataclasses.dataclass
+class TellStats:
+    meta_loss: float
+    pairs_used: int
+    pairs_dropped: int
+    inner_steps: int
+    stale_results: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Estimator(Protocol):
+    config: MetaConfig
+
+    def init(self, theta: Any) -> dict[str, Any]: ...
+
+    def ask(self, state: dict[str, Any], generation: int) -> tuple[list[Ticket], dict[str, Any]]: ...
+
+    def tell(self, state: dict[str, Any], tickets: Sequence[Ticket], results: Sequence[PairResult],
+             theta: Any) -> tuple[Any, dict[str, Any], TellStats]: ...
+
+
+def shape_fitness(values: np.ndarray, kind: str) -> np.ndarray:
+    """Centered ranks in [-0.5, 0.5] (ties broken by order), z-scores, or the raw values."""
+    values = np.asarray(values, np.float64)
+    if kind == "none" or values.size == 0:
+        return values
+    if kind == "zscore":
+        return (values - values.mean()) / (values.std() + 1e-12)
+    if kind == "centered_rank":
+        if values.size == 1:
+            return np.zeros_like(values)
+        ranks = np.empty(values.size, np.float64)
+        ranks[np.argsort(values, kind="stable")] = np.arange(values.size)
+        return ranks / (values.size - 1) - 0.5
+    raise ValueError(f"unknown fitness shaping {kind!r}")
+
+
+def match_results(generation: int, tickets: Sequence[Ticket], results: Sequence[PairResult]
+                  ) -> tuple[dict[int, PairResult], int]:
+    """Results of this generation by pair id; stale (older generation) or unknown ones are counted."""
+    wanted = {t.pair_id for t in tickets}
+    out: dict[int, PairResult] = {}
+    stale = 0
+    for r in results:
+        if r.generation != generation or r.pair_id not in wanted:
+            stale += 1
+            continue
+        out[r.pair_id] = r
+    return out, stale
+
+
+class EpisodeSampler:
+    """Samples ``(task spec, unroll length)`` for a pair's new episode from a key.
+
+    Lengths are log-uniform in ``[min_unroll, max_unroll]`` rounded up to a
+    multiple of the truncation K (the unroll-length curriculum).
+    """
+
+    def __init__(self, tasks: TaskConfig, truncation: int):
+        self.tasks = tasks
+        self.truncation = truncation
+        self._specs = [TaskSpec(d["name"], d.get("kwargs", {})) for d in tasks.spec_dicts]
+        self._family = None
+        if tasks.family:
+            from mnemosyne_core.tasks.families import FAMILIES
+
+            if tasks.family not in FAMILIES:
+                raise ValueError(f"unknown task family {tasks.family!r}; known: {sorted(FAMILIES)}")
+            self._family = FAMILIES[tasks.family]
+
+    def __call__(self, key: jax.Array) -> tuple[TaskSpec, int]:
+        k_task, k_len = jax.random.split(key)
+        if self._family is not None:
+            spec = self._family.sample(k_task)
+        else:
+            spec = self._specs[int(jax.random.randint(k_task, (), 0, len(self._specs)))]
+        lo, hi = math.log(self.tasks.min_unroll), math.log(self.tasks.max_unroll)
+        u = float(jax.random.uniform(k_len, (), jnp.float32))
+        length = int(round(math.exp(lo + (hi - lo) * u)))
+        k = self.truncation
+        return spec, max(k, int(math.ceil(length / k)) * k)
+
+    def for_pair(self, run_key: Sequence[int], generation: int, pair_id: int) -> tuple[TaskSpec, int]:
+        return self(sub_key(run_key, generation, pair_id, TAG_TASK))
