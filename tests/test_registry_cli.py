@@ -46,7 +46,7 @@ def test_push_list_alias_pull(env, capsys, tmp_path):
     code, out, _ = run(capsys, "list", "cli-opt", *reg)
     lines = out.splitlines()
     assert code == 0 and [line.split("\t")[0] for line in lines] == ["cli-opt:1", "cli-opt:2"]
-    code, out, _ = run(capsys, "list", "cli-opt", "--json", *reg)
+    _, out, _ = run(capsys, "list", "cli-opt", "--json", *reg)
     assert '"run_id": "r42"' in out.splitlines()[1]
     code, out, _ = run(capsys, "alias", "cli-opt", "production", "1", *reg, *tok)
     assert (code, out.strip()) == (0, "cli-opt@production -> 1")
@@ -97,7 +97,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(env, capsys, tmp_path, argv, 
     subs = {"missing": str(tmp_path / "missing.bin"), "artifact": str(artifact), "out": str(tmp_path / "o")}
     argv = [a.format(**subs) if a.startswith("{") and a.endswith("}") and a[1:-1] in subs else a for a in argv]
     got, out, err = run(capsys, *argv, "--registry", env["registry"], "--token-file", env["token"])
-    assert got == code
+    assert got == code and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "o").exists()
 

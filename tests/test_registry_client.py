@@ -110,7 +110,7 @@ def test_hot_swap_refuses_incompatible_theta():
     theta = init_theta(jax.random.key(0), config)
     state = optax.chain(optax.clip(1.0), mnemosyne(theta, config)).init({"w": jnp.ones(3)})
     reshaped = jax.tree.map(lambda x: x, theta)
-    first = sorted(reshaped)[0]
+    first = min(reshaped)
     reshaped[first] = jax.tree.map(lambda x: jnp.zeros((*x.shape, 2), x.dtype), reshaped[first])
     with pytest.raises(IncompatibleVersionError, match="recompiled|compiled step"):
         swap_theta(state, reshaped)

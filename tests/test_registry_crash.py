@@ -7,7 +7,6 @@ survives recovery, and every stored blob re-verifies against its name.
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -56,7 +55,7 @@ def test_sigkill_during_uploads_leaves_no_partial_version(tmp_path):
             finished = threading.Semaphore(0)
             stop = threading.Event()
 
-            def uploader(seed: int):
+            def uploader(seed: int, port=port, stop=stop, round_=round_, finished=finished):
                 with RegistryClient(f"127.0.0.1:{port}") as client:
                     i = 0
                     while not stop.is_set():

@@ -10,7 +10,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mnemosyne_core.registry_client import IntegrityError, RegistryClient, RegistryClientError
+from mnemosyne_core.registry_client import (
+    IntegrityError,
+    RegistryClient,
+    RegistryClientError,
+)
 from mnemosyne_core.registry_client import registry_pb2 as pb
 from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
 from service.registry.server import create_server, shutdown
@@ -308,7 +312,7 @@ def test_fetch_resumes_from_offset(client, tmp_path):
     data = os.urandom(3 * (1 << 20) + 12345)
     client.publish(data, "resumable")
     for offset in (0, 1, 70_000, len(data) - 1, len(data)):
-        version, chunks = client.stream("resumable", 1, offset=offset)
+        _, chunks = client.stream("resumable", 1, offset=offset)
         parts = list(chunks)
         assert b"".join(parts) == data[offset:]
         assert all(len(p) <= (1 << 20) for p in parts)

@@ -33,7 +33,11 @@ _EXPORTS = {
     "find_theta": ".hotswap",
     "check_swappable": ".hotswap",
 }
-__all__ = sorted([*_EXPORTS, "load_uri"])
+__all__ = [
+    "AliasWatch", "IncompatibleVersionError", "IntegrityError", "InvalidURIError", "RegistryClient",
+    "RegistryClientError", "RegistryURI", "check_swappable", "find_theta", "load_uri", "parse_ref",
+    "parse_uri", "swap_theta", "verify",
+]
 
 
 def load_uri(uri: str, *, token: str | None = None, tls_ca: Any = None, like: Any = None):

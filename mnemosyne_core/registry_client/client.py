@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from google.protobuf import json_format
@@ -83,7 +83,7 @@ class RegistryClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "RegistryClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -241,7 +241,7 @@ class RegistryClient:
     def delete_alias(self, name: str, alias: str) -> None:
         self._call(self._stub.DeleteAlias, pb.DeleteAliasRequest(name=name, alias=alias))
 
-    def watch(self, name: str, alias: str, timeout: float | None = None) -> "AliasWatch":
+    def watch(self, name: str, alias: str, timeout: float | None = None) -> AliasWatch:
         """Iterate over the alias's current target and every later move; ``.cancel()`` to stop."""
         call = self._stub.WatchAlias(pb.WatchAliasRequest(name=name, alias=alias),
                                      metadata=self._metadata, timeout=timeout)
@@ -337,9 +337,9 @@ def decode_checkpoint(version: pb.Version, data: bytes, *, like: Any = None):
     where = f"{version.name}:{version.number}"
     if compat.theta_fingerprint and compat.theta_fingerprint != checkpoint.theta_fingerprint(theta):
         raise IncompatibleVersionError(f"{where}: θ fingerprint differs from the registry's compatibility record")
-    if compat.architecture_spec_json:
-        if json.loads(compat.architecture_spec_json) != json.loads(json.dumps(checkpoint.architecture_spec(config))):
-            raise IncompatibleVersionError(f"{where}: architecture differs from the registry's compatibility record")
+    stored_spec = json.loads(compat.architecture_spec_json) if compat.architecture_spec_json else None
+    if stored_spec is not None and stored_spec != json.loads(json.dumps(checkpoint.architecture_spec(config))):
+        raise IncompatibleVersionError(f"{where}: architecture differs from the registry's compatibility record")
     if like is not None:
         from .hotswap import check_swappable, find_theta
         current = find_theta(like) if _holds_theta(like) else like

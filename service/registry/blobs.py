@@ -28,6 +28,7 @@ import os
 import re
 import uuid
 from pathlib import Path
+from typing import Self
 
 from .errors import InvalidArgument, ResourceExhausted
 
@@ -66,14 +67,14 @@ class BlobWriter:
     so an aborted or failed upload leaves nothing behind.
     """
 
-    def __init__(self, store: "BlobStore", sha256: str, size: int):
+    def __init__(self, store: BlobStore, sha256: str, size: int):
         self._store = store
         self.sha256 = sha256
         self.expected_size = size
         self.received = 0
         self._hash = hashlib.sha256()
         self._tmp = store.tmp_dir / f"{uuid.uuid4().hex}.part"
-        self._file = open(self._tmp, "xb")
+        self._file = open(self._tmp, "xb")  # noqa: SIM115 - lives until commit()/close()
         self.committed = False
 
     def write(self, chunk: bytes) -> None:
@@ -110,7 +111,7 @@ class BlobWriter:
         if not self.committed:
             self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "BlobWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -32,7 +32,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .blobs import BlobStore, RecoveryReport, check_sha256
-from .errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from .errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from .storage import LATEST, AliasRecord, OptimizerRecord, Store, VersionRecord
 
 log = logging.getLogger(__name__)
