@@ -1,0 +1,121 @@
+"""A private single-machine Ray cluster in a subprocess, stopped by pid.
+
+Tests and benchmarks need a Ray head that outlives the driver they start (to
+SIGKILL a driver and resume against the same cluster) and that never touches
+shared default paths or other people's Ray processes. :class:`LocalRayHead`
+runs ``ray start --head --block`` with a temporary ``RAY_TMPDIR``, token auth
+disabled and the dashboard off, reads back the address, and on ``stop()``
+signals only the processes it started (the ``ray start`` process, then any of
+its own children that are still alive) — never ``ray stop`` or a kill by name.
+
+Example:
+    >>> from service.ray_local import LocalRayHead
+    >>> with LocalRayHead(num_cpus=2) as head:          # doctest: +SKIP
+    ...     import ray
+    ...     _ = ray.init(address=head.address)
+    ...     ray.cluster_resources()["CPU"]
+    2.0
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+
+class RayHeadError(RuntimeError):
+    """The local Ray head did not come up."""
+
+
+def ray_env(tmpdir: str | os.PathLike[str]) -> dict[str, str]:
+    """Environment for a head, its drivers and workers: private tmpdir, no token auth."""
+    env = dict(os.environ)
+    env["RAY_TMPDIR"] = str(tmpdir)
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+class LocalRayHead:
+    """``ray start --head --block`` as a child process, with its own temp dir.
+
+    ``address`` is ``"HOST:PORT"`` of the GCS once :meth:`start` returns.
+    ``resources`` adds custom resources (e.g. ``{"TPU": 4}``) to test placement.
+    """
+
+    def __init__(self, num_cpus: int = 2, resources: dict[str, float] | None = None,
+                 tmpdir: str | None = None):
+        self.num_cpus = num_cpus
+        self.resources = dict(resources or {})
+        # Unix socket paths are limited to ~107 bytes: keep the root short.
+        self._own_tmp = tmpdir is None
+        self.tmpdir = tmpdir or tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        self.address: str | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = Path(self.tmpdir) / "head.log"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return ray_env(self.tmpdir)
+
+    def start(self) -> "LocalRayHead":
+        ray_bin = str(Path(sys.executable).with_name("ray"))
+        cmd = [ray_bin, "start", "--head", "--block", "--port", "0",
+               "--num-cpus", str(self.num_cpus), "--include-dashboard", "false",
+               "--temp-dir", self.tmpdir, "--disable-usage-stats"]
+        if self.resources:
+            cmd += ["--resources", json.dumps(self.resources)]
+        with open(self._log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True)
+        marker = Path(self.tmpdir) / "ray_current_cluster"
+        # Poll for the file Ray writes once the GCS is up; fail as soon as the
+        # process dies instead of sleeping a fixed time.
+        while self.address is None:
+            if self.proc.poll() is not None:
+                raise RayHeadError(f"ray start exited with {self.proc.returncode}: "
+                                   + self._log.read_text(errors="replace")[-2000:])
+            if marker.exists() and "Ray runtime started" in self._log.read_text(errors="replace"):
+                self.address = marker.read_text().strip()
+            else:
+                time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM the ``ray start`` process (it drains its node), then SIGKILL leftovers by pid."""
+        if self.proc is None:
+            return
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for child in children:  # only processes this head spawned
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(children, timeout=10)
+        self.proc = None
+        if self._own_tmp:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalRayHead":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,95 @@
+"""``InnerLoopWorker``: a Ray actor that runs inner unrolls for tickets.
+
+The actor is deliberately thin: it rebuilds the meta-training config once, keeps
+the persistent inner problems of the pairs it runs (PES / truncated backprop)
+in its own :class:`~mnemosyne_core.meta.evaluator.InnerStateStore`, and calls
+:func:`~mnemosyne_core.meta.evaluator.evaluate_tickets` — the very function the
+in-process ``LocalEvaluator`` calls, vmapped over tickets that share a task
+shape on this actor's device. It answers ``PairResult.encode()`` bytes (36 B
+per ES/PES pair), so θ goes out once per generation (``ray.put``) and only ids
+and scalars come back.
+
+Placement (CPUs, fractional GPUs, TPU hosts) and restarts are set by
+:func:`actor_options`; the actor itself only pins its process to the CPUs it is
+given, before JAX starts its thread pools, so two 1-CPU workers on a 2-core
+machine do not fight over both cores.
+
+Example (plain Python, no Ray — what the actor does inside a call):
+    >>> from mnemosyne_core.meta.config import MetaConfig
+    >>> cfg = MetaConfig.from_dict({"name": "t", "estimator": {"num_pairs": 2}})
+    >>> from mnemosyne_core.meta.evaluator import learned_optimizer
+    >>> from mnemosyne_core.meta.noise import run_key_data
+    >>> from mnemosyne_core.meta.protocol import PairResult, Ticket
+    >>> from mnemosyne_core.tasks import TaskSpec
+    >>> import jax
+    >>> w = InnerLoopWorker(cfg.to_dict(), worker_id=3)
+    >>> theta = learned_optimizer(w.config).init_theta(jax.random.key(0))
+    >>> t = Ticket(0, 5, TaskSpec("quadratic", {"dim": 4}), 10, 10, run_key=run_key_data(0))
+    >>> [blob] = w.evaluate(theta, [t])
+    >>> r = PairResult.decode(blob)
+    >>> len(blob), r.pair_id, r.worker_id, r.status.name
+    (36, 5, 3, 'OK')
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Sequence
+
+__all__ = ["InnerLoopWorker", "PoisonedTicketError"]
+
+
+class PoisonedTicketError(RuntimeError):
+    """Raised by a worker for a ticket it was told to fail (fault-injection in tests)."""
+
+
+class InnerLoopWorker:
+    """Evaluates batches of tickets against θ. Wrap with ``ray.remote(**actor_options(...))``.
+
+    ``config`` is ``MetaConfig.to_dict()`` (plain data, cheap to ship).
+    ``cpu_affinity``: CPUs to pin this process to (``None``: leave as is).
+    ``poison``: pair ids whose tickets raise :class:`PoisonedTicketError` —
+    only for fault-injection tests of the driver's drop policy.
+    """
+
+    def __init__(self, config: dict[str, Any], worker_id: int = 0,
+                 cpu_affinity: Sequence[int] | None = None, poison: Sequence[int] = ()):
+        if cpu_affinity:
+            # Before JAX initialises: its CPU thread pool sizes itself from the affinity mask.
+            os.sched_setaffinity(0, set(cpu_affinity))
+        from mnemosyne_core.meta.config import MetaConfig
+        from mnemosyne_core.meta.evaluator import InnerStateStore
+
+        self.config = MetaConfig.from_dict(config)
+        self.worker_id = int(worker_id)
+        self.poison = frozenset(int(p) for p in poison)
+        self.store = InnerStateStore()
+        self.calls = 0
+
+    def ping(self) -> dict[str, Any]:
+        """Who and where this actor is (pid for fault tests, devices for placement checks)."""
+        import jax
+
+        return {"worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
+                "devices": [str(d) for d in jax.devices()],
+                "cpus": sorted(os.sched_getaffinity(0)), "calls": self.calls}
+
+    def evaluate(self, theta: Any, tickets: Sequence[Any]) -> list[bytes]:
+        """Run ``tickets`` (all of one generation) against ``theta``; one encoded result each."""
+        from mnemosyne_core.meta.evaluator import evaluate_tickets
+
+        self.calls += 1
+        bad = [t.pair_id for t in tickets if t.pair_id in self.poison]
+        if bad:
+            raise PoisonedTicketError(f"worker {self.worker_id}: poisoned pairs {bad}")
+        results = evaluate_tickets(theta, list(tickets), self.config, store=self.store,
+                                   worker_id=self.worker_id)
+        return [r.encode() for r in results]
+
+    def state_dict(self) -> dict[int, Any]:
+        """This actor's persistent inner problems (host copies), for driver checkpoints."""
+        return self.store.state_dict()
+
+    def load_state_dict(self, items: dict[int, Any]) -> int:
+        self.store.load_state_dict(items)
+        return len(self.store)
