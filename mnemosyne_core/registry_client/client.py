@@ -192,21 +192,28 @@ class RegistryClient:
         parts = [prefix] if prefix else []
         received = offset
         version = None
+        # Hash while receiving: gRPC keeps reading the socket in its own threads, so
+        # verification overlaps the transfer instead of following it.
+        digest = hashlib.sha256(prefix)
         for attempt in range(retries + 1):
             try:
                 # After the first response, pin the number: an alias may move meanwhile.
                 v, chunks = self.stream(name, version.number if version else ref, received)
                 version = version or v
                 for chunk in chunks:
+                    digest.update(chunk)
                     parts.append(chunk)
                     received += len(chunk)
                 break
             except RegistryClientError as exc:
                 if attempt == retries or exc.code not in {c.name for c in _RETRYABLE}:
                     raise
-        data = b"".join(parts)
-        verify(version, data)
-        return version, data
+        where = f"{version.name}:{version.number}"
+        if received != version.size:
+            raise IntegrityError(f"{where}: got {received} bytes, expected {version.size}")
+        if digest.hexdigest() != version.sha256:
+            raise IntegrityError(f"{where}: sha256 {digest.hexdigest()} != {version.sha256}")
+        return version, b"".join(parts)
 
     def download(self, name: str, ref: int | str | None, path: str | os.PathLike) -> pb.Version:
         """Fetch into ``path`` (atomically); resumes from ``path + '.part'`` if a previous try was cut."""
@@ -296,8 +303,11 @@ def describe_checkpoint(data: bytes, meta: pb.VersionMetadata) -> None:
         from mnemosyne_core import __version__
         lineage.code_version = __version__
     if not lineage.jax_version:
-        import jax
-        lineage.jax_version = jax.__version__
+        try:
+            from importlib.metadata import version as dist_version
+            lineage.jax_version = dist_version("jax")  # without importing jax itself
+        except Exception:  # noqa: BLE001 - jax not installed: leave it empty
+            pass
     checkpoint = _checkpoint()
     if checkpoint is None:
         return
