@@ -238,7 +238,10 @@ def test_non_finite_gradient_does_not_poison_the_state(name, bad):
     u_next, s_next = update(g2, s_bad, p_after, loss=loss)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u_next))
     _close(u_next, u_clean, rtol=1e-6, atol=1e-10)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(s_next) if jnp.issubdtype(x.dtype, jnp.floating))
+    # Every floating-point part of the state is exactly as before the bad step (counters may move).
+    for before, after in zip(jax.tree.leaves(s), jax.tree.leaves(s_bad)):
+        if jnp.issubdtype(before.dtype, jnp.floating):
+            assert np.array_equal(np.asarray(before), np.asarray(after), equal_nan=True)
 
 
 @pytest.mark.parametrize("name", NAMES)
