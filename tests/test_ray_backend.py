@@ -16,6 +16,8 @@ import pytest
 
 pytestmark = pytest.mark.xdist_group("ray")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 ray = pytest.importorskip("ray")
 
 from mnemosyne_core.meta.config import MetaConfig  # noqa: E402
@@ -154,3 +156,63 @@ def test_stale_results_are_discarded_and_counted(cluster, config):
     # The late answers of generation 0 arrived during generation 1 and were thrown away.
     assert s0["stale_results"] + s1["stale_results"] == 2
     assert s1["stale_results"] == 2 or s0["stale_results"] == 2
+
+
+def _driver_env(head):
+    env = dict(head.env)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    return env
+
+
+def _checkpoint_generation(out):
+    from flax import serialization
+
+    path = out / "checkpoint.msgpack"
+    if not path.exists():
+        return -1
+    return int(serialization.msgpack_restore(path.read_bytes())["generation"])
+
+
+def test_sigkill_driver_then_resume_reaches_uninterrupted_theta(cluster, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import tomli_w
+
+    import mnemosyne_core as mn
+
+    data = dict(TINY, name="ray-resume", generations=6)
+    data["tasks"] = dict(TINY["tasks"], min_unroll=50, max_unroll=50)  # 5 chunks per generation
+    cfg_path = tmp_path / "ray-resume.toml"
+    cfg_path.write_bytes(tomli_w.dumps(data).encode())
+    reference = MetaTrainer(MetaConfig.from_dict(data), tmp_path / "reference")
+    reference.run()
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "service.cli", "meta-train", "--config", str(cfg_path), "--out", str(out),
+           "--backend", "ray", "--address", cluster.address, "--workers", "2", "--no-progress"]
+    driver = subprocess.Popen(cmd, cwd=REPO, env=_driver_env(cluster),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Kill the driver as soon as it has checkpointed generation 1 of 6 (event-driven, no sleeps
+        # beyond the polling interval).
+        while _checkpoint_generation(out) < 1:
+            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == -signal.SIGKILL
+    killed_at = _checkpoint_generation(out)
+    assert 1 <= killed_at < 6 and not (out / "optimizer.msgpack").exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=_driver_env(cluster),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    theta, _, meta = mn.load(out / "optimizer.msgpack")
+    assert meta["generation"] == 6
+    _assert_same_theta(theta, jax.device_get(reference.theta))
