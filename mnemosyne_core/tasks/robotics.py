@@ -87,13 +87,15 @@ class RoboticsTask:
         gamma, gae_lambda, vf_coef, ent_coef, reward_scale: loss constants.
         eval_envs, eval_steps, eval_seed: the fixed greedy evaluation.
         norm_seed: key of the rollout that fixes the observation statistics.
+        bootstrap: ``bptt`` only — add ``gamma * V(final_obs)`` at the window end.
     """
 
     def __init__(self, env: str, hidden: Sequence[int] = (32, 32), num_envs: int = 16,
                  horizon: int | None = None, surrogate: str | None = None, gamma: float | None = None,
                  gae_lambda: float = 0.95, vf_coef: float = 0.5, ent_coef: float = 0.0,
                  reward_scale: float | None = None, eval_envs: int = 8,
-                 eval_steps: int | None = None, eval_seed: int = 12345, norm_seed: int = 0):
+                 eval_steps: int | None = None, eval_seed: int = 12345, norm_seed: int = 0,
+                 bootstrap: bool | None = None):
         check_env_name(env)
         defaults = ENV_DEFAULTS[env]
         self.surrogate = surrogate or defaults["surrogate"]
@@ -106,6 +108,7 @@ class RoboticsTask:
         self.eval_steps = int(eval_steps or defaults["eval_steps"])
         self.gamma = float(gamma if gamma is not None else defaults.get("gamma", 0.99))
         self.gae_lambda = float(gae_lambda)
+        self.bootstrap = bool(bootstrap if bootstrap is not None else defaults.get("bootstrap", True))
         self.vf_coef, self.ent_coef = float(vf_coef), float(ent_coef)
         self.reward_scale = float(reward_scale if reward_scale is not None else defaults["reward_scale"])
         self.reward_max = float(defaults["reward_max"])
@@ -139,7 +142,7 @@ class RoboticsTask:
         traj = rollout(params, self.env, self.norm, batch, self.num_envs, self.horizon, mode)
         if self.surrogate == "bptt":
             surrogate = bptt_loss(params, self.norm, traj, self.gamma, self.gae_lambda,
-                                  self.reward_scale, self.vf_coef)
+                                  self.reward_scale, self.vf_coef, self.bootstrap)
         else:
             surrogate = a2c_loss(params, self.norm, traj, self.gamma, self.gae_lambda,
                                  self.reward_scale, self.vf_coef, self.ent_coef)

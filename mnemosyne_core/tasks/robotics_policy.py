@@ -73,11 +73,13 @@ class ObsNorm(NamedTuple):
 
 
 def _scale_action(env: EnvAdapter, raw: jax.Array) -> jax.Array:
-    # Policies act in [-1, 1]; map to the env's box (clipping keeps exploration
-    # noise inside the valid range, the log-prob stays that of the raw sample).
+    # Policies act in (-1, 1) through tanh; the env's box is an affine image of
+    # that. tanh rather than clipping: a saturated action still has a gradient
+    # (BPTT would otherwise get stuck at the bounds). The log-prob is that of
+    # the raw Gaussian sample — the squashing is part of the environment.
     half = 0.5 * (env.action_high - env.action_low)
     mid = 0.5 * (env.action_high + env.action_low)
-    return mid + half * jnp.clip(raw, -1.0, 1.0)
+    return mid + half * jnp.tanh(raw)
 
 
 class Trajectory(NamedTuple):
@@ -199,7 +201,7 @@ def a2c_loss(params: Params, norm: ObsNorm, traj: Trajectory, gamma: float, lam:
 
 
 def bptt_loss(params: Params, norm: ObsNorm, traj: Trajectory, gamma: float, lam: float,
-              reward_scale: float, vf_coef: float) -> jax.Array:
+              reward_scale: float, vf_coef: float, bootstrap: bool = True) -> jax.Array:
     """Short-horizon BPTT with a value bootstrap (SHAC-style).
 
     The actor maximises the discounted reward of each env's first episode in
@@ -213,8 +215,11 @@ def bptt_loss(params: Params, norm: ObsNorm, traj: Trajectory, gamma: float, lam
     alive, done = first_episode_mask(traj)
     last = jnp.zeros((horizon, 1)).at[-1].set(1.0)
     end = jnp.maximum(done, last)
-    bootstrap = jnp.where(traj.terminated, 0.0,
-                          value_fn(jax.lax.stop_gradient(params["v"]), norm, traj.final_obs))
+    if bootstrap:
+        tail = jnp.where(traj.terminated, 0.0,
+                         value_fn(jax.lax.stop_gradient(params["v"]), norm, traj.final_obs))
+    else:  # plain truncated BPTT: the window's reward only
+        tail = jnp.zeros_like(traj.reward)
     discount = gamma ** jnp.arange(horizon, dtype=jnp.float32)[:, None]
-    ret = jnp.sum(discount * alive * (traj.reward * reward_scale + gamma * end * bootstrap), 0)
+    ret = jnp.sum(discount * alive * (traj.reward * reward_scale + gamma * end * tail), 0)
     return -jnp.mean(ret) / horizon + vf_coef * vf

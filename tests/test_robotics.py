@@ -1,0 +1,207 @@
+"""Robotics tasks, the policy training loop and `mnemosyne robotics train-policy`.
+
+Kept small (few envs, short horizons): gymnax envs for the training checks and
+exactly one brax (spring) env.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+pytest.importorskip("gymnax")
+
+from mnemosyne_core.tasks import TASKS, make_task  # noqa: E402
+from mnemosyne_core.tasks.robotics import FAMILIES, LOSS_FLOOR  # noqa: E402
+from mnemosyne_core.tasks.robotics_envs import UnknownEnvError, make_env  # noqa: E402
+from mnemosyne_core.tasks.robotics_policy import Trajectory, first_episode_return, gae  # noqa: E402
+from service import cli  # noqa: E402
+from service.robotics.optimizers import OptimizerSpecError, resolve_optimizer  # noqa: E402
+from service.robotics.train import train_policy  # noqa: E402
+
+SMALL = {"num_envs": 8, "horizon": 64, "eval_envs": 4}
+
+# env -> (task kwargs, Adam learning rate, updates); each shows clear progress in this budget.
+GYMNAX_RUNS = {
+    "gymnax_cartpole": (SMALL, 3e-3, 80),
+    "gymnax_acrobot": (SMALL, 3e-3, 80),
+    "gymnax_pendulum": ({"num_envs": 8, "eval_envs": 4, "horizon": 16, "bootstrap": False}, 3e-3, 100),
+}
+
+
+def _best_gain(result) -> float:
+    returns = [p.episode_return for p in result.history]
+    assert all(math.isfinite(r) for r in returns), returns
+    return max(returns[1:]) - returns[0]
+
+
+# --- the pieces ---------------------------------------------------------------------------
+
+def test_all_robotics_tasks_registered():
+    make_task({"name": "gymnax_cartpole", "kwargs": {"num_envs": 2, "horizon": 4}})  # loads module
+    for name in ("gymnax_pendulum", "gymnax_cartpole", "gymnax_acrobot", "brax_inverted_pendulum",
+                 "brax_reacher"):
+        assert name in TASKS
+
+
+def test_gae_bootstraps_only_on_truncation():
+    ones = jnp.ones((3, 1))
+    value, final_value = jnp.zeros((3, 1)), jnp.full((3, 1), 5.0)
+    at_1 = jnp.array([[False], [True], [False]])
+    no = jnp.zeros((3, 1), bool)
+    # gamma = 0.5, lambda = 1; step 1 ends the episode, step 2 is the window end (bootstrapped).
+    adv_term, _ = gae(ones, at_1, no, value, final_value, 0.5, 1.0)
+    adv_trunc, target = gae(ones, no, at_1, value, final_value, 0.5, 1.0)
+    np.testing.assert_allclose(adv_term[:, 0], [3.5 + 0.5 * 1.0, 1.0, 3.5])
+    np.testing.assert_allclose(adv_trunc[:, 0], [3.5 + 0.5 * 3.5, 3.5, 3.5])
+    np.testing.assert_allclose(target, adv_trunc)  # value is zero
+
+
+def test_first_episode_return_masks_after_done():
+    zeros = jnp.zeros((4, 2))
+    reward = jnp.array([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0], [8.0, 8.0]])
+    terminated = jnp.array([[False, False], [True, False], [False, False], [False, False]])
+    truncated = jnp.array([[False, False], [False, False], [False, True], [False, False]])
+    traj = Trajectory(reward, terminated, truncated, zeros, zeros, zeros[..., None], zeros[..., None])
+    np.testing.assert_allclose(first_episode_return(traj), [3.0, 7.0])
+
+
+def test_env_adapter_splits_time_limit_from_termination():
+    env = make_env("gymnax_pendulum", max_steps=5)
+    _, state = env.reset(jax.random.key(0))
+
+    def body(state, key):
+        step = env.step(key, state, jnp.zeros(1))
+        return step.state, (step.terminated, step.truncated)
+
+    _, (terminated, truncated) = jax.lax.scan(body, state, jax.random.split(jax.random.key(1), 12))
+    assert not bool(terminated.any())  # pendulum never terminates
+    assert np.flatnonzero(np.asarray(truncated)).tolist() == [4, 9]  # auto-reset restarts the clock
+
+
+def test_task_is_deterministic_in_its_keys():
+    spec = {"name": "gymnax_cartpole", "kwargs": {"num_envs": 4, "horizon": 16}}
+    a, b = make_task(spec), make_task(spec)
+    np.testing.assert_array_equal(a.norm.mean, b.norm.mean)  # fixed observation statistics
+    params = a.init(jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, params, b.init(jax.random.key(0)))
+    g1 = jax.grad(a.loss)(params, a.sample_batch(jax.random.key(1)))
+    g2 = jax.grad(b.loss)(params, b.sample_batch(jax.random.key(1)))
+    g3 = jax.grad(a.loss)(params, a.sample_batch(jax.random.key(2)))
+    jax.tree.map(np.testing.assert_array_equal, g1, g2)
+    assert not np.allclose(g1["pi"][0]["w"], g3["pi"][0]["w"])
+
+
+def test_loss_value_is_positive_regret_and_gradient_is_nonzero():
+    task = make_task({"name": "gymnax_acrobot", "kwargs": {"num_envs": 4, "horizon": 16}})
+    params = task.init(jax.random.key(0))
+    loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(jax.random.key(1)))
+    # A random acrobot policy never reaches the goal in 16 steps: regret = reward_scale * 1.
+    np.testing.assert_allclose(float(loss), 0.1 + LOSS_FLOOR, rtol=1e-5)
+    assert float(optax.global_norm(grads)) > 0
+
+
+def test_family_samples_valid_specs_deterministically():
+    family = FAMILIES["robotics_gymnax"]
+    specs = [family.sample(jax.random.key(i)) for i in range(6)]
+    assert specs == [family.sample(jax.random.key(i)) for i in range(6)]
+    assert {s.name for s in specs} <= set(family.envs)
+    json.loads(specs[0].to_json())
+
+
+def test_unknown_env_lists_valid_ones():
+    with pytest.raises(UnknownEnvError, match="valid envs: brax_inverted_pendulum"):
+        make_env("Pendulum-v9")
+
+
+# --- training improves the policy -------------------------------------------------------
+
+@pytest.mark.parametrize("env", sorted(GYMNAX_RUNS))
+def test_gymnax_policy_improves_with_adam(env):
+    kwargs, lr, steps = GYMNAX_RUNS[env]
+    task = make_task({"name": env, "kwargs": kwargs})
+    result = train_policy(task, optax.adam(lr), steps=steps, seed=0, eval_every=steps // 4)
+    assert not result.diverged
+    # Each env's scale: cartpole +50 steps alive, acrobot reaches the goal, pendulum −200 cost.
+    assert _best_gain(result) > {"gymnax_cartpole": 50, "gymnax_acrobot": 150, "gymnax_pendulum": 200}[env]
+
+
+@pytest.mark.parametrize("env", ["gymnax_cartpole", "gymnax_acrobot"])
+def test_gymnax_policy_improves_with_mnemosyne(env):
+    from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta, mnemosyne
+
+    # A fresh θ (Adam-like start); the shipped `default`/`robotics` θ are benchmarked separately.
+    config = MnemosyneConfig()
+    tx = mnemosyne(init_theta(jax.random.key(0), config), config)
+    kwargs, _, steps = GYMNAX_RUNS[env]
+    result = train_policy(make_task({"name": env, "kwargs": kwargs}), tx, steps=steps, seed=0,
+                          eval_every=steps // 4)
+    assert _best_gain(result) > {"gymnax_cartpole": 50, "gymnax_acrobot": 150}[env]
+
+
+@pytest.mark.slow
+def test_brax_inverted_pendulum_spring_improves():
+    task = make_task({"name": "brax_inverted_pendulum",
+                      "kwargs": {"num_envs": 8, "eval_envs": 4, "hidden": [16, 16]}})
+    result = train_policy(task, optax.adam(3e-3), steps=40, seed=0, eval_every=20)
+    assert _best_gain(result) > 10  # reward 1 per step the pole stays up
+
+
+# --- optimizer specs and the CLI ---------------------------------------------------------
+
+def test_optimizer_specs():
+    _, info = resolve_optimizer("adam:1e-3")
+    assert info == {"spec": "adam:1e-3", "kind": "adam", "learning_rate": 1e-3}
+    for bad, match in [("adam:fast", "bad learning rate"), ("adam:-1", "must be > 0"),
+                       ("nadam", "unknown optimizer"), ("/no/such/ckpt.msgpack", "does not exist")]:
+        with pytest.raises(OptimizerSpecError, match=match):
+            resolve_optimizer(bad)
+
+
+def _run_cli(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_bad_env_is_one_line_error(tmp_path, capsys):
+    code, _, err = _run_cli(["robotics", "train-policy", "--env", "Walker-v0", "--out", str(tmp_path)],
+                            capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "valid envs:" in err and "gymnax_cartpole" in err
+
+
+def test_cli_unloadable_optimizer_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "broken.msgpack"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = _run_cli(["robotics", "train-policy", "--env", "gymnax_cartpole", "--optimizer",
+                             str(bad), "--out", str(tmp_path / "run")], capsys)
+    assert code == 3
+    assert err.count("\n") == 1 and "broken.msgpack" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_train_policy_writes_summary_plot_and_policy(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = _run_cli(
+        ["robotics", "train-policy", "--env", "CartPole-v1", "--optimizer", "adam:3e-3", "--steps", "6",
+         "--seed", "1", "--eval-every", "3", "--no-progress", "--out", str(out),
+         "--task-kwargs", json.dumps({"num_envs": 4, "horizon": 16, "eval_envs": 2})], capsys)
+    assert code == 0, stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["env"] == "gymnax_cartpole" and summary["optimizer"]["spec"] == "adam:3e-3"
+    assert summary["env_steps"] == 6 * 4 * 16
+    assert [p["env_steps"] for p in summary["returns"]] == [0, 192, 384]
+    assert summary["final_return"] == summary["returns"][-1]["return"] > 0
+    assert (out / "returns.png").read_bytes()[:4] == b"\x89PNG"
+
+    from service.robotics.report import load_policy
+
+    task = make_task({"name": "gymnax_cartpole", "kwargs": {"num_envs": 4, "horizon": 16, "eval_envs": 2}})
+    restored = load_policy(out / "policy", task.init(jax.random.key(0)))
+    assert float(task.evaluate(restored)["return"]) == pytest.approx(summary["final_return"])
