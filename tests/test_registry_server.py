@@ -354,3 +354,27 @@ def test_deadlines_end_calls(client):
     with pytest.raises(RegistryClientError) as info:
         next(watch)  # nothing moves: the deadline ends the stream
     assert info.value.code == "DEADLINE_EXCEEDED"
+
+
+def test_fetch_resumes_after_a_broken_stream_pinned_to_the_version(client, monkeypatch):
+    data = os.urandom(3 << 20)
+    client.publish(data, "flaky")
+    real_stream, calls = client.stream, []
+
+    def flaky_stream(name, ref=None, offset=0, chunk_size=0):
+        calls.append((ref, offset))
+        version, chunks = real_stream(name, ref, offset, chunk_size)
+        if len(calls) > 1:
+            return version, chunks
+
+        def broken():
+            yield next(chunks)
+            client.publish(b"a newer version", "flaky")  # `latest` moves during the outage
+            raise RegistryClientError("UNAVAILABLE", "connection reset by peer")
+
+        return version, broken()
+
+    monkeypatch.setattr(client, "stream", flaky_stream)
+    version, got = client.fetch("flaky", "latest")
+    assert calls == [("latest", 0), (1, 1 << 20)]  # resumed at the byte it stopped, on version 1
+    assert version.number == 1 and got == data

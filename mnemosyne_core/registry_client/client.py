@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
@@ -28,6 +30,7 @@ from . import registry_pb2 as pb
 from . import registry_pb2_grpc as pb_grpc
 from .errors import IncompatibleVersionError, IntegrityError, RegistryClientError
 from .uri import parse_target
+from .wire import decode_fetch_response
 
 CHUNK = 1 << 20
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
@@ -78,6 +81,12 @@ class RegistryClient:
         else:
             self._channel = grpc.insecure_channel(address, options)
         self._stub = pb_grpc.RegistryServiceStub(self._channel)
+        # Fetch with the zero-copy chunk decoder (see .wire) instead of the generated one.
+        self._fetch = self._channel.unary_stream(
+            "/mnemosyne.registry.v1.RegistryService/Fetch",
+            request_serializer=pb.FetchRequest.SerializeToString,
+            response_deserializer=decode_fetch_response,
+        )
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
@@ -157,21 +166,24 @@ class RegistryClient:
     # -- fetch ----------------------------------------------------------------
     def stream(self, name: str, ref: int | str | None = None, offset: int = 0,
                chunk_size: int = 0) -> tuple[pb.Version, Iterator[bytes]]:
-        """Low level: the Version and an iterator over its bytes from ``offset`` (not verified)."""
-        call = self._stub.Fetch(pb.FetchRequest(ref=_ref(name, ref), offset=offset, chunk_size=chunk_size),
+        """Low level: the Version and an iterator over its bytes from ``offset`` (not verified).
+
+        Chunks are bytes-like (``memoryview`` over the received message, no copy).
+        """
+        call = self._fetch(pb.FetchRequest(ref=_ref(name, ref), offset=offset, chunk_size=chunk_size),
                                 metadata=self._metadata, timeout=None)
         try:
             first = next(call)
         except grpc.RpcError as exc:
             raise _error(exc) from None
-        if first.WhichOneof("payload") != "version":
+        if not isinstance(first, pb.FetchResponse) or first.WhichOneof("payload") != "version":
             call.cancel()
             raise RegistryClientError("INTERNAL", "registry sent chunks before the version header")
 
         def chunks():
             try:
                 for msg in call:
-                    yield msg.chunk
+                    yield msg if isinstance(msg, memoryview) else msg.chunk
             except grpc.RpcError as exc:
                 raise _error(exc) from None
             finally:
@@ -190,11 +202,22 @@ class RegistryClient:
         if len(prefix) != offset:
             raise ValueError(f"resume needs the first {offset} bytes as prefix, got {len(prefix)}")
         parts = [prefix] if prefix else []
-        received = offset
+        digest = _BackgroundHash(prefix)
+        try:
+            version = self._receive(name, ref, offset, retries, parts, digest)
+        finally:
+            actual = digest.hexdigest()  # also stops the hashing thread on errors
+        received = sum(len(p) for p in parts)
+        where = f"{version.name}:{version.number}"
+        if received != version.size:
+            raise IntegrityError(f"{where}: got {received} bytes, expected {version.size}")
+        if actual != version.sha256:
+            raise IntegrityError(f"{where}: sha256 {actual} != {version.sha256}")
+        return version, b"".join(parts)
+
+    def _receive(self, name, ref, received: int, retries: int, parts: list, digest) -> pb.Version:
+        """Stream into ``parts`` (and ``digest``), resuming after retryable failures."""
         version = None
-        # Hash while receiving: gRPC keeps reading the socket in its own threads, so
-        # verification overlaps the transfer instead of following it.
-        digest = hashlib.sha256(prefix)
         for attempt in range(retries + 1):
             try:
                 # After the first response, pin the number: an alias may move meanwhile.
@@ -204,16 +227,11 @@ class RegistryClient:
                     digest.update(chunk)
                     parts.append(chunk)
                     received += len(chunk)
-                break
+                return version
             except RegistryClientError as exc:
                 if attempt == retries or exc.code not in {c.name for c in _RETRYABLE}:
                     raise
-        where = f"{version.name}:{version.number}"
-        if received != version.size:
-            raise IntegrityError(f"{where}: got {received} bytes, expected {version.size}")
-        if digest.hexdigest() != version.sha256:
-            raise IntegrityError(f"{where}: sha256 {digest.hexdigest()} != {version.sha256}")
-        return version, b"".join(parts)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def download(self, name: str, ref: int | str | None, path: str | os.PathLike) -> pb.Version:
         """Fetch into ``path`` (atomically); resumes from ``path + '.part'`` if a previous try was cut."""
@@ -253,6 +271,35 @@ class RegistryClient:
         call = self._stub.WatchAlias(pb.WatchAliasRequest(name=name, alias=alias),
                                      metadata=self._metadata, timeout=timeout)
         return AliasWatch(call)
+
+
+class _BackgroundHash:
+    """sha256 computed on a helper thread while chunks keep arriving.
+
+    hashlib releases the GIL on large buffers, so on a machine with a spare core
+    verification overlaps the transfer instead of following it.
+    """
+
+    def __init__(self, initial: bytes = b""):
+        self._hash = hashlib.sha256(initial)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="registry-sha256", daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hash.update(chunk)
+
+    def update(self, chunk) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._queue.put(None)
+            self._thread.join()
+            self._digest = self._hash.hexdigest()
+        return self._digest
 
 
 class AliasWatch:
@@ -303,11 +350,12 @@ def describe_checkpoint(data: bytes, meta: pb.VersionMetadata) -> None:
         from mnemosyne_core import __version__
         lineage.code_version = __version__
     if not lineage.jax_version:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
         try:
-            from importlib.metadata import version as dist_version
             lineage.jax_version = dist_version("jax")  # without importing jax itself
-        except Exception:  # noqa: BLE001 - jax not installed: leave it empty
-            pass
+        except PackageNotFoundError:
+            lineage.jax_version = "not installed"
     checkpoint = _checkpoint()
     if checkpoint is None:
         return

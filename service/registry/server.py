@@ -28,11 +28,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mnemosyne_core.registry_client import registry_pb2 as pb
-from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
 from .handlers import MAX_CHUNK, Registry
-from .servicer import RegistryServicer
+from .servicer import RegistryServicer, add_to_server
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
@@ -76,7 +75,7 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), server)
+    add_to_server(RegistryServicer(registry), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (SERVICE_NAME, ""):

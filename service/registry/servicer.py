@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from mnemosyne_core.registry_client import registry_pb2 as pb
 from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
+from mnemosyne_core.registry_client.wire import encode_chunk, serialize_response
 
 from . import errors
 from .handlers import PublishSpec, Registry
@@ -144,7 +145,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
         yield pb.FetchResponse(version=version_to_proto(version))
         for chunk in chunks:
-            yield pb.FetchResponse(chunk=chunk)
+            yield encode_chunk(chunk)  # pre-encoded FetchResponse: one copy instead of three
 
     @_unary
     def SetAlias(self, request, context):
@@ -167,3 +168,27 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         context.add_callback(on_done)
         for event in self.registry.watch(request.name, request.alias, stop):
             yield alias_event_to_proto(event)
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["RegistryService"]
+
+
+def add_to_server(servicer: RegistryServicer, server: grpc.Server) -> None:
+    """Register the servicer like the generated ``add_RegistryServiceServicer_to_server``,
+    but with a response serializer that passes pre-encoded messages (Fetch chunks) through."""
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        m.name: factories[m.client_streaming, m.server_streaming](
+            getattr(servicer, m.name),
+            request_deserializer=getattr(pb, m.input_type.name).FromString,
+            response_serializer=serialize_response,
+        )
+        for m in SERVICE.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
