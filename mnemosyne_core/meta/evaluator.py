@@ -45,7 +45,7 @@ from mnemosyne_core.meta.protocol import PairResult, Status, Ticket
 from mnemosyne_core.meta.unroll import init_inner, run_chunk, scaled_params
 from mnemosyne_core.tasks import make_task
 
-__all__ = ["InnerStateStore", "LocalEvaluator", "evaluate_tickets", "learned_optimizer", "inner_key"]
+__all__ = ["InnerStateStore", "LocalEvaluator", "evaluate_tickets", "learned_optimizer", "inner_key", "population"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,20 @@ def _unravel_key(theta: Any, unravel: Any) -> Any:
     return key
 
 
+def population(flat: jax.Array, tickets: Sequence[Ticket], sigma: float, *, antithetic: bool = True) -> jax.Array:
+    """θ of every member, ``(len(tickets) * m, |θ|)``: rows ``2j, 2j+1`` = θ + σε_j, θ − σε_j.
+
+    ε_j is regenerated from ``(run_key, generation, pair_id)`` of ticket j; the two
+    halves get exactly opposite perturbations. Without ``antithetic``: one row θ per ticket.
+    """
+    n = len(tickets)
+    if not antithetic:
+        return jnp.broadcast_to(flat, (n, flat.size))
+    eps = jnp.stack([perturbations(t.run_key, t.generation, [t.pair_id], flat.size)[0] for t in tickets])
+    delta = sigma * eps
+    return jnp.stack([flat + delta, flat - delta], axis=1).reshape(2 * n, flat.size)
+
+
 def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, *,
                      store: InnerStateStore | None = None, worker_id: int = 0) -> list[PairResult]:
     """One result per ticket. Exceptions inside one task group become ``Status.ERROR`` results."""
@@ -158,13 +172,7 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     step, init, heldout = _compiled(spec_json, config, ukey, backprop)
     n = len(group)
 
-    # θ for every member: (n, m, d) -> (n*m, d).
-    if backprop:
-        thetas = jnp.broadcast_to(flat, (n, 1, flat.size))
-    else:
-        eps = jnp.stack([perturbations(t.run_key, t.generation, [t.pair_id], flat.size)[0] for t in group])
-        thetas = jnp.stack([flat + est.sigma * eps, flat - est.sigma * eps], axis=1)
-    thetas = thetas.reshape(n * m, flat.size)
+    thetas = population(flat, group, est.sigma, antithetic=not backprop)
 
     # Inner states: from the store when it holds this (episode, step), else a deterministic reset.
     statuses, episodes, states, fresh = [], [], [None] * n, []
