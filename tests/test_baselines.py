@@ -128,3 +128,13 @@ def test_fresh_lstm_trains_like_adam(spec, steps):
     assert float(lstm["test_loss"]) < 1.2 * float(adam["test_loss"]) + 1e-3
     if "test_accuracy" in lstm:
         assert float(lstm["test_accuracy"]) > 0.8
+
+
+@pytest.mark.parametrize("module", ["baselines", "optimizers", "checkpoint"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"mnemosyne_core.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

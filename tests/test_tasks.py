@@ -200,3 +200,26 @@ def test_mixture_respects_weights_and_validates():
         MixtureFamily((ViTFamily(),), weights=(1.0, 2.0))
     with pytest.raises(ValueError):
         DigitsMLPFamily(widths=())
+
+
+@pytest.mark.parametrize("name", ["quadratic", "digits_mlp"])
+def test_tasks_vmap_over_a_population(name):
+    task = make_task(SPECS[name])
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = jax.vmap(task.init)(keys)
+    batches = jax.jit(jax.vmap(task.sample_batch))(keys)
+    losses = jax.jit(jax.vmap(task.loss))(params, batches)
+    assert losses.shape == (3,)
+    for i in range(3):
+        one = jax.tree.map(lambda x: x[i], params)
+        np.testing.assert_allclose(losses[i], task.loss(one, task.sample_batch(keys[i])), rtol=1e-5)
+
+
+@pytest.mark.parametrize("module", ["base", "data", "quadratic", "mlp", "vit", "builtin", "families"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"mnemosyne_core.tasks.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
