@@ -49,28 +49,31 @@ def count(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up (compile)
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed *interleaved* (one call of
+    each per round), so load from other processes hits all of them alike."""
+    for fn in fns.values():  # warm-up (compile)
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def state_floats_per_param(state: Any, params: Any) -> float:
-    """Floats in state leaves that scale with the parameters (θ and O(1) leaves excluded)."""
+    """All non-θ state floats divided by the parameter count.
+
+    Includes the sublinear per-tensor memory (CAM, token moments) and scalars,
+    so it is a slight over-estimate of the per-parameter part.
+    """
     n = count(params)
     if hasattr(state, "theta"):
         state = state._replace(theta=None)
-    leaves = jax.tree.leaves(state)
-    # A leaf "scales with params" if it is at least as large as the smallest
-    # parameter tensor that is not tiny; a per-tensor CAM memory (b·r·(e+2)
-    # floats) is counted separately as the sublinear part.
-    total = sum(int(np.prod(x.shape)) for x in leaves)
-    return total / n
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) / n
 
 
 def opts() -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -81,17 +84,18 @@ def opts() -> dict[str, Callable[[], optax.GradientTransformation]]:
     return {"adam": lambda: optax.adam(1e-3), "tensor": mn("tensor"), "coordinate": mn("coordinate")}
 
 
-def bench_update(tx: optax.GradientTransformation, params: Any, repeats: int) -> tuple[float, float, int]:
+def update_case(tx: optax.GradientTransformation, params: Any) -> tuple[Callable[[], Any], float, float]:
+    """(timed call, state floats per parameter, compiled temp bytes) of the jitted update."""
     state = tx.init(params)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
     update = jax.jit(tx.update)
-    t = median_time(lambda: update(grads, state, params), repeats)
     mem = update.lower(grads, state, params).compile().memory_analysis()
-    temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
-    return t, state_floats_per_param(state, params), temp
+    temp = float(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0.0
+    return (lambda: update(grads, state, params)), state_floats_per_param(state, params), temp
 
 
-def bench_train_step(tx: optax.GradientTransformation, sizes: list[tuple[int, int]], batch: int, repeats: int) -> float:
+def train_case(tx: optax.GradientTransformation, sizes: list[tuple[int, int]], batch: int) -> Callable[[], Any]:
+    """A timed call running one jitted forward + backward + update step of an MLP."""
     params = make_params(jax.random.key(1), sizes)
     x = jax.random.normal(jax.random.key(2), (batch, sizes[0][0]))
     y = jax.random.randint(jax.random.key(3), (batch,), 0, sizes[-1][1])
@@ -110,14 +114,13 @@ def bench_train_step(tx: optax.GradientTransformation, sizes: list[tuple[int, in
         u, s = tx.update(g, s, p, loss=loss)
         return optax.apply_updates(p, u), s
 
-    state = tx.init(params)
-    carry = {"p": params, "s": state}
+    carry = {"p": params, "s": tx.init(params)}
 
     def run():
         carry["p"], carry["s"] = step(carry["p"], carry["s"])
         return carry["p"]
 
-    return median_time(run, repeats)
+    return run
 
 
 def main() -> None:
@@ -140,14 +143,17 @@ def main() -> None:
     for label, sizes in trees.items():
         params = make_params(jax.random.key(0), sizes)
         print(f"{label}: {count(params):,} parameters", flush=True)
+        calls = {}
         for n in names:
-            t, floats, temp = bench_update(makers[n](), params, repeats)
-            rows[n][label] = t
+            calls[n], floats, temp = update_case(makers[n](), params)
             rows[n]["state floats/param"] = floats
             rows[n][f"temp MiB ({label})"] = temp / 2**20
+        for n, t in median_times(calls, repeats).items():
+            rows[n][label] = t
+        del calls
     print(f"train step MLP {mlp}: {sum(a * b + b for a, b in mlp):,} parameters, batch 128", flush=True)
-    for n in names:
-        rows[n]["train step"] = bench_train_step(makers[n](), mlp, 128, repeats)
+    for n, t in median_times({n: train_case(makers[n](), mlp, 128) for n in names}, repeats).items():
+        rows[n]["train step"] = t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print()

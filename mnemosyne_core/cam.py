@@ -56,12 +56,14 @@ class CAMState(NamedTuple):
     log_scale: jax.Array  # c, (..., r)
 
 
-def cam_init(batch_shape: tuple[int, ...], num_features: int, value_dim: int) -> CAMState:
+def cam_init(
+    batch_shape: tuple[int, ...], num_features: int, value_dim: int, dtype: jnp.dtype = jnp.float32
+) -> CAMState:
     """Empty memories (N_0 = 0, Ψ_0 = 0) for ``batch_shape`` independent streams."""
     return CAMState(
-        num=jnp.zeros((*batch_shape, num_features, value_dim), jnp.float32),
-        den=jnp.zeros((*batch_shape, num_features), jnp.float32),
-        log_scale=jnp.full((*batch_shape, num_features), EMPTY_LOG_SCALE, jnp.float32),
+        num=jnp.zeros((*batch_shape, num_features, value_dim), dtype),
+        den=jnp.zeros((*batch_shape, num_features), dtype),
+        log_scale=jnp.full((*batch_shape, num_features), EMPTY_LOG_SCALE, dtype),
     )
 
 

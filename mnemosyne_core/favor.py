@@ -115,6 +115,7 @@ def favor_attention(
     lk = log_hyperbolic_features(k, omega)
     if mask is not None:
         lk = jnp.where(mask[..., None], lk, -jnp.inf)
+        v = jnp.where(mask[..., None], v, 0.0)  # 0·NaN would still poison the sums
     c = jnp.max(lk, axis=-2, keepdims=True)  # (..., 1, r)
     c = jnp.where(jnp.isfinite(c), c, 0.0)  # all keys masked: any finite value works
     pk = jnp.exp(lk - c)  # (..., L', r), zero for masked keys

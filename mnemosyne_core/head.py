@@ -146,14 +146,14 @@ def init_tensor_memory(
 
 
 def pool_leaf(g: jax.Array, param: jax.Array | None, layout: ChunkLayout) -> tuple[jax.Array, jax.Array]:
-    """Pooling level 1 for one tensor: token means of g, g² (and p, p²).
+    """Pooling level 1 for one tensor: token means of g, g² (and p²).
 
     Only cheap expressions of the inputs, so each is a single read-only
     reduction pass; everything nonlinear happens on the small token arrays.
     """
     raw = [g, g * g]
     if param is not None:
-        raw += [param, param * param]
+        raw += [param * param]
     return pool_tokens(raw, layout)
 
 
@@ -169,8 +169,8 @@ def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: floa
         0.1 * jnp.log(rms),  # gradient scale (log; /10 keeps it O(1))
     ]
     if means.shape[-1] > 2:
-        p_rms = jnp.sqrt(jnp.maximum(means[..., 3], 0.0)) + 1e-8
-        feats += [means[..., 2] / p_rms, 0.1 * jnp.log(p_rms)]  # parameter sign bias, scale
+        p_rms = jnp.sqrt(jnp.maximum(means[..., 2], 0.0)) + 1e-8
+        feats += [0.1 * jnp.log(p_rms)]  # parameter scale (log)
     return jnp.stack(feats, axis=-1)
 
 

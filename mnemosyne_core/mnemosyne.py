@@ -175,7 +175,7 @@ def _num_coord_features(config: MnemosyneConfig) -> int:
 
 
 def _num_token_features(config: MnemosyneConfig) -> int:
-    return 6 if config.use_param_feature else 4  # see head._token_features
+    return 5 if config.use_param_feature else 4  # see head._token_features
 
 
 def init_theta(key: jax.Array, config: MnemosyneConfig) -> dict:
