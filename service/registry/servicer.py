@@ -19,7 +19,7 @@ from mnemosyne_core.registry_client.wire import encode_chunk, serialize_response
 
 from . import errors
 from .handlers import PublishSpec, Registry
-from .storage import AliasRecord, OptimizerRecord, VersionRecord
+from .storage import AliasRecord, LRUCache, OptimizerRecord, VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,18 @@ def metadata_from_dict(data: dict) -> pb.VersionMetadata:
     return json_format.ParseDict(data, pb.VersionMetadata(), ignore_unknown_fields=True)
 
 
+_METADATA_CACHE = LRUCache(4096)
+
+
 def version_to_proto(v: VersionRecord) -> pb.Version:
+    # Metadata of a version never changes: convert it once (ParseDict is slow).
+    key = (v.name, v.number, v.sha256, v.created_ms)
+    metadata = _METADATA_CACHE.get(key)
+    if metadata is None:
+        metadata = _METADATA_CACHE.put(key, metadata_from_dict(v.metadata))
     return pb.Version(
         name=v.name, number=v.number, sha256=v.sha256, size=v.size, created_unix_ms=v.created_ms,
-        metadata=metadata_from_dict(v.metadata), aliases=list(v.aliases),
+        metadata=metadata, aliases=list(v.aliases),
     )
 
 

@@ -22,8 +22,10 @@ increase in commit order — what :meth:`Store.alias_events_after` relies on.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import threading
 import time
 
 import sqlalchemy as sa
@@ -129,12 +131,42 @@ def _make_engine(url: str) -> sa.Engine:
     return engine
 
 
+class LRUCache:
+    """A small thread-safe LRU map for immutable records.
+
+    >>> c = LRUCache(1); _ = c.put("a", 1); _ = c.put("b", 2)
+    >>> c.get("a"), c.get("b")
+    (None, 2)
+    """
+
+    def __init__(self, size: int):
+        self._size = size
+        self._data: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key, value):
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self._size:
+                self._data.popitem(last=False)
+        return value
+
+
 class Store:
     """The registry's tables and the transactions that keep them consistent."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, cache_size: int = 4096):
         self.url = url
         self.engine = _make_engine(url)
+        self._cache = LRUCache(cache_size)
         metadata_obj.create_all(self.engine)
 
     def close(self) -> None:
@@ -214,27 +246,31 @@ class Store:
 
     # -- reads ----------------------------------------------------------------
     def get_version(self, name: str, number: int | None = None, alias: str | None = None) -> VersionRecord:
+        """One version with the aliases pointing at it; one query when the version is cached.
+
+        Versions are immutable, so their rows are cached in-process; aliases are
+        mutable and always read from the database.
+        """
         with self._read() as conn:
+            alias_rows = conn.execute(
+                sa.select(aliases_t.c.alias, aliases_t.c.version).where(aliases_t.c.name == name)
+            ).all()
             if number is None:
                 alias = alias or LATEST
-                number = conn.execute(
-                    sa.select(aliases_t.c.version).where(aliases_t.c.name == name, aliases_t.c.alias == alias)
-                ).scalar_one_or_none()
+                number = next((v for a, v in alias_rows if a == alias), None)
                 if number is None:
                     self._require_optimizer(conn, name)
                     raise NotFound(f"optimizer {name!r} has no alias {alias!r}")
-            row = conn.execute(
-                sa.select(versions_t).where(versions_t.c.name == name, versions_t.c.number == number)
-            ).one_or_none()
-            if row is None:
-                self._require_optimizer(conn, name)
-                raise NotFound(f"optimizer {name!r} has no version {number}")
-            aliases = conn.execute(
-                sa.select(aliases_t.c.alias)
-                .where(aliases_t.c.name == name, aliases_t.c.version == number)
-                .order_by(aliases_t.c.alias)
-            ).scalars().all()
-        return _version(row, tuple(aliases))
+            record = self._cache.get((name, number))
+            if record is None:
+                row = conn.execute(
+                    sa.select(versions_t).where(versions_t.c.name == name, versions_t.c.number == number)
+                ).one_or_none()
+                if row is None:
+                    self._require_optimizer(conn, name)
+                    raise NotFound(f"optimizer {name!r} has no version {number}")
+                record = self._cache.put((name, number), _version(row, ()))
+        return dataclasses.replace(record, aliases=tuple(sorted(a for a, v in alias_rows if v == number)))
 
     def list_versions(self, name: str, limit: int, after: int = 0) -> list[VersionRecord]:
         with self._read() as conn:
