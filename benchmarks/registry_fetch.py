@@ -36,7 +36,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mnemosyne_core.registry_client import RegistryClient  # noqa: E402
+from mnemosyne_core.registry_client import RegistryClient
 
 RAW_METHOD = "/bench.Raw/Stream"
 CHUNK = 1 << 20
@@ -72,6 +72,13 @@ def start(argv: list[str]) -> tuple[subprocess.Popen, int]:
         proc.kill()
         raise SystemExit(f"benchmark server did not start: {line!r}")
     return proc, int(line.rsplit(":", 1)[1])
+
+
+def timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of ``fn(*args)``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def time_raw(port: int, size: int) -> float:
@@ -129,7 +136,7 @@ def get_version_latencies(port: int, name: str, clients: int, calls: int) -> lis
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> int:
@@ -157,26 +164,33 @@ def main() -> int:
                 client.publish(os.urandom(size), "bench")
                 time_fetch(client, "bench", size)  # warm-up (page cache, connections)
                 time_raw(raw_port, size)
-                raw_t, fetch_t, stream_t = [], [], []
-                for _ in range(args.repeats):  # interleaved so drift hits both equally
-                    raw_t.append(time_raw(raw_port, size))
-                    fetch_t.append(time_fetch(client, "bench", size))
-                    stream_t.append(time_stream_only(client, "bench", size))
+                runs: dict[str, list[tuple[float, float]]] = {"raw": [], "fetch": [], "stream": []}
+                for _ in range(args.repeats):  # interleaved so load drift hits all three alike
+                    runs["raw"].append(timed(time_raw, raw_port, size))
+                    runs["fetch"].append(timed(time_fetch, client, "bench", size))
+                    runs["stream"].append(timed(time_stream_only, client, "bench", size))
+            t0 = time.perf_counter()
             lat = get_version_latencies(reg_port, "bench", args.clients, args.calls)
+            lat_wall = time.perf_counter() - t0
         finally:
             for proc in (registry, raw):
                 proc.stdin.close()
                 proc.terminate()
                 proc.wait()
+    wall = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
     results = {
         "artifact_bytes": size,
-        "raw_gib_s": gib / statistics.median(raw_t),
-        "fetch_verified_gib_s": gib / statistics.median(fetch_t),
-        "fetch_stream_only_gib_s": gib / statistics.median(stream_t),
+        "raw_gib_s": gib / wall["raw"],
+        "fetch_verified_gib_s": gib / wall["fetch"],
+        "fetch_stream_only_gib_s": gib / wall["stream"],
+        "client_cpu_s_per_gib": {k: v / gib for k, v in cpu.items()},
+        "load_average_1min": os.getloadavg()[0],
         "get_version_clients": args.clients,
         "get_version_calls": len(lat),
         "get_version_p50_ms": 1000 * percentile(lat, 50),
         "get_version_p99_ms": 1000 * percentile(lat, 99),
+        "get_version_calls_per_s": len(lat) / lat_wall,
         "cpu_count": os.cpu_count(),
     }
     results["fetch_vs_raw"] = results["fetch_verified_gib_s"] / results["raw_gib_s"]
@@ -185,8 +199,11 @@ def main() -> int:
     print(f"registry fetch+sha256    {results['fetch_verified_gib_s']:.2f} GiB/s  ({results['fetch_vs_raw']:.2f}x raw)")
     print(f"registry stream only     {results['fetch_stream_only_gib_s']:.2f} GiB/s  "
           f"({results['stream_only_vs_raw']:.2f}x raw)")
+    print("client CPU s/GiB         " + ", ".join(f"{k} {v:.2f}" for k, v in results["client_cpu_s_per_gib"].items()))
     print(f"GetVersion, {args.clients} clients: p50 {results['get_version_p50_ms']:.2f} ms, "
-          f"p99 {results['get_version_p99_ms']:.2f} ms over {len(lat)} calls")
+          f"p99 {results['get_version_p99_ms']:.2f} ms over {len(lat)} calls "
+          f"({results['get_version_calls_per_s']:.0f} calls/s)")
+    print(f"(load average {results['load_average_1min']:.1f} on {os.cpu_count()} CPUs)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
