@@ -12,6 +12,33 @@ Loading by URI (the token, when the server wants one, comes from
 ``MNEMOSYNE_REGISTRY_TOKEN``)::
 
     theta, config, metadata = load_uri("grpc://127.0.0.1:50051/mnemosyne-digits@best")
+
+Hot-swapping a newer version into a running jitted loop (no recompilation:
+θ lives in the optimizer state, so only array values change)::
+
+    import threading
+    from mnemosyne_core.registry_client import RegistryClient, swap_theta
+
+    client = RegistryClient("grpc://127.0.0.1:50051")
+    theta, config, _ = client.fetch_theta("mnemosyne-digits", "production")
+    tx = mnemosyne(theta, config)
+    opt_state = tx.init(params)
+    step = jax.jit(train_step)                  # train_step(params, opt_state, batch)
+
+    pending = []                                # filled by the watcher thread
+    def follow():
+        for event in client.watch("mnemosyne-digits", "production"):
+            if not event.deleted:
+                pending.append(client.fetch_theta("mnemosyne-digits", event.version, like=opt_state)[0])
+    threading.Thread(target=follow, daemon=True).start()
+
+    for batch in batches:
+        if pending:
+            opt_state = swap_theta(opt_state, pending.pop())   # version k+1, same compiled step
+        params, opt_state = step(params, opt_state, batch)
+
+``fetch_theta(..., like=opt_state)`` refuses (``IncompatibleVersionError``) a
+version whose θ tree, shapes or dtypes differ, before anything is swapped.
 """
 from __future__ import annotations
 
