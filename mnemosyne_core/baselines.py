@@ -97,7 +97,7 @@ class LSTMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LSTMConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LSTMConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

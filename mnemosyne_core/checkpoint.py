@@ -240,7 +240,7 @@ def from_bytes(data: bytes) -> tuple[Any, Any, dict[str, Any]]:
     try:
         state = serialization.msgpack_restore(payload)
         theta = serialization.from_state_dict(expected, state)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means the payload doesn't fit
+    except Exception as exc:
         raise IncompatibleCheckpointError(f"checkpoint θ does not fit its config: {exc}") from exc
     theta = jax.tree.map(jnp.asarray, theta)
     if theta_fingerprint(theta) != expected_fp:

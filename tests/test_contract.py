@@ -118,7 +118,7 @@ def test_jitted_step_compiles_once_even_when_theta_changes(name):
     params = _params()
     state0 = tx.init(params)
     p1, s1, _ = jstep(params, state0)
-    p2, s2, u2 = jstep(p1, s1)
+    _, s2, u2 = jstep(p1, s1)
     assert traces == 1
     # State structure, shapes and dtypes are stable across steps (scan/jit friendly).
     assert jax.tree.structure(s2) == jax.tree.structure(state0)
@@ -235,7 +235,7 @@ def test_non_finite_gradient_does_not_poison_the_state(name, bad):
     u_bad, s_bad = update(g_bad, s, p, loss=loss)
     assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u_bad)), "a non-finite step must not move params"
     p_after = optax.apply_updates(p, u_bad)
-    u_next, s_next = update(g2, s_bad, p_after, loss=loss)
+    u_next, _ = update(g2, s_bad, p_after, loss=loss)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u_next))
     _close(u_next, u_clean, rtol=1e-6, atol=1e-10)
     # Every floating-point part of the state is exactly as before the bad step (counters may move).

@@ -10,7 +10,12 @@ import optax
 import pytest
 
 from mnemosyne_core.tasks import TASKS, TaskSpec, UnknownTaskError, make_task
-from mnemosyne_core.tasks.families import FAMILIES, DigitsMLPFamily, MixtureFamily, ViTFamily
+from mnemosyne_core.tasks.families import (
+    FAMILIES,
+    DigitsMLPFamily,
+    MixtureFamily,
+    ViTFamily,
+)
 from mnemosyne_core.tasks.vit import patchify
 
 # Small variants keep compile time low on 2 CPU cores.
@@ -211,7 +216,7 @@ def test_tasks_vmap_over_a_population(name):
     losses = jax.jit(jax.vmap(task.loss))(params, batches)
     assert losses.shape == (3,)
     for i in range(3):
-        one = jax.tree.map(lambda x: x[i], params)
+        one = jax.tree.map(lambda x, i=i: x[i], params)
         np.testing.assert_allclose(losses[i], task.loss(one, task.sample_batch(keys[i])), rtol=1e-5)
 
 
@@ -223,3 +228,19 @@ def test_docstring_examples_run(module):
     mod = importlib.import_module(f"mnemosyne_core.tasks.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_task_spec_is_a_json_value():
+    kwargs = {"hidden": [8], "activation": "relu"}
+    spec = TaskSpec("digits_mlp", kwargs)
+    kwargs["hidden"] = [16]  # the spec keeps its own copy of the mapping
+    assert spec.kwargs["activation"] == "relu" and "hidden" in spec.kwargs
+    assert TaskSpec.from_json(spec.to_json()) == spec and hash(TaskSpec.from_json(spec.to_json())) == hash(spec)
+    assert TaskSpec("q", {"t": (1, 2)}) == TaskSpec("q", {"t": [1, 2]})  # equal as JSON
+    for bad in (lambda: TaskSpec("", {}), lambda: TaskSpec("q", {"f": object()}),
+                lambda: TaskSpec("q", {"x": float("nan")}),
+                lambda: TaskSpec.from_json("[1]"), lambda: TaskSpec.from_json("{bad")):
+        with pytest.raises(ValueError):
+            bad()
+    with pytest.raises(TypeError):
+        TaskSpec("q", [1, 2])

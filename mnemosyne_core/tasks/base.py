@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 
@@ -64,13 +65,28 @@ class TaskSpec:
     name: str
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"TaskSpec.name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.kwargs, Mapping):
+            raise TypeError(f"TaskSpec.kwargs must be a mapping, got {type(self.kwargs).__name__}")
+        # A private copy: a spec is a value (hashed, sent to workers), the caller's dict may change.
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
+        try:
+            self.to_json()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"TaskSpec {self.name!r}: kwargs must be JSON-able: {exc}") from exc
+
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "kwargs": dict(self.kwargs)}, sort_keys=True)
+        return json.dumps({"name": self.name, "kwargs": dict(self.kwargs)}, sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "TaskSpec":
-        obj = json.loads(text)
-        return cls(obj["name"], obj.get("kwargs", {}))
+    def from_json(cls, text: str) -> TaskSpec:
+        try:
+            obj = json.loads(text)
+            return cls(obj["name"], obj.get("kwargs", {}))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a TaskSpec JSON object: {text[:200]!r}") from exc
 
     def fingerprint(self) -> str:
         """A short stable hash; equal specs (same shapes) can share a compiled step."""

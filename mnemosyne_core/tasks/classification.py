@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from mnemosyne_core.tasks.base import TaskSpec
 from mnemosyne_core.tasks.data import Dataset, load_dataset
 
-__all__ = ["ClassificationTask", "check_positive_int", "check_nonnegative"]
+__all__ = ["ClassificationTask", "check_nonnegative", "check_positive_int"]
 
 
 def check_positive_int(task: str, name: str, value: Any) -> int:

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,8 +37,8 @@ from mnemosyne_core.tasks.base import TaskFamily, TaskSpec
 
 __all__ = [
     "FAMILIES",
-    "FixedFamily",
     "DigitsMLPFamily",
+    "FixedFamily",
     "MLPFamily",
     "MNIST1DMLPFamily",
     "MixtureFamily",

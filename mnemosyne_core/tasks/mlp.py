@@ -18,7 +18,8 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from mnemosyne_core.tasks.base import TaskSpec
 from mnemosyne_core.tasks.classification import ClassificationTask, check_positive_int
 
-__all__ = ["ACTIVATIONS", "MLPTask", "init_mlp", "apply_mlp"]
+__all__ = ["ACTIVATIONS", "MLPTask", "apply_mlp", "init_mlp"]
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -70,7 +71,8 @@ class MLPTask(ClassificationTask):
             raise ValueError(f"MLPTask: unknown dataset {dataset!r}; known: {sorted(_TASK_NAME)}")
         name = _TASK_NAME[dataset]
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
-            raise ValueError(f"{name}: hidden must be a list of layer widths, got {hidden!r}")
+            # ValueError, not TypeError: every bad task kwarg is one error type for callers.
+            raise ValueError(f"{name}: hidden must be a list of layer widths, got {hidden!r}")  # noqa: TRY004
         hidden = [check_positive_int(name, "hidden width", h) for h in hidden]
         if activation not in ACTIVATIONS:
             raise ValueError(f"{name}: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
