@@ -108,7 +108,12 @@ class AliasRecord:
 def _make_engine(url: str) -> sa.Engine:
     if not url.startswith("sqlite"):
         return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+    # Enough pooled connections for every server worker thread: a request never
+    # waits on the pool, only (briefly, under WAL) on SQLite's single writer lock.
+    engine = sa.create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": 60},
+        **({} if url in ("sqlite://", "sqlite:///:memory:") else {"pool_size": 8, "max_overflow": 64}),
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
