@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mnemosyne_core.tasks import TASKS, TaskSpec, UnknownTaskError, make_task
+from mnemosyne_core.tasks import TASKS, Task, TaskSpec, UnknownTaskError, make_task
 from mnemosyne_core.tasks.families import (
     FAMILIES,
     DigitsMLPFamily,
@@ -34,6 +34,10 @@ def _equal(a, b) -> bool:
 def test_builtin_tasks_are_registered():
     make_task("quadratic")  # triggers the lazy registration
     assert set(SPECS) <= set(TASKS)
+    for spec in SPECS.values():
+        task = make_task(spec)
+        assert isinstance(task, Task) and task.name == spec.name
+        assert TaskSpec.from_json(task.spec.to_json()) == task.spec
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
