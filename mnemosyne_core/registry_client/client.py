@@ -5,8 +5,9 @@
 >>> client.set_alias("mnemosyne-digits", "best", v.number)     # doctest: +SKIP
 >>> theta, config, meta = client.fetch_theta("mnemosyne-digits", "best")  # doctest: +SKIP
 
-Every call has a deadline (``timeout`` seconds; streams get one per
-artifact size). The bearer token comes from ``token=`` or the
+Unary calls have a deadline (``timeout`` seconds) and uploads one that grows
+with their size; downloads run until done or broken (then resume), watches
+until cancelled or their optional ``timeout``. The bearer token comes from ``token=`` or the
 ``MNEMOSYNE_REGISTRY_TOKEN`` environment variable. Downloads are verified
 against the version's sha256 and, when a stream breaks, resumed from the
 last byte received (pinned to the version number, so a moving alias can't
