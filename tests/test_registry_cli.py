@@ -140,17 +140,22 @@ def test_serve_reports_a_busy_port(env, capsys, tmp_path):
     assert code == 1 and err.count("\n") == 1 and "could not bind" in err
 
 
-def test_serve_runs_until_sigterm(tmp_path):
+def test_serve_stops_gracefully_on_sigterm_ending_watches(tmp_path):
     import signal
+
+    from mnemosyne_core.registry_client import RegistryClient
 
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))",
-         "registry", "serve", "--data", str(tmp_path), "--port", "0"],
+         "registry", "serve", "--data", str(tmp_path), "--port", "0", "--grace", "30"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("mnemosyne registry listening on grpc://127.0.0.1:")
-    done = threading.Event()
-    proc.send_signal(signal.SIGTERM)
+    with RegistryClient(line.split()[-1]) as client:
+        client.publish(b"v1", "graceful")
+        watch = client.watch("graceful", "latest")
+        assert next(watch).version == 1
+        proc.send_signal(signal.SIGTERM)
+        assert list(watch) == []  # the server ends open watch streams cleanly instead of waiting out --grace
     _, err = proc.communicate()
-    done.set()
     assert proc.returncode == 0 and "stopped" in err
