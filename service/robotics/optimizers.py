@@ -37,7 +37,9 @@ def resolve_optimizer(spec: str) -> tuple[optax.GradientTransformationExtraArgs,
             raise OptimizerSpecError(f"bad learning rate in {spec!r}: expected e.g. '{kind}:1e-3'") from None
         if not lr > 0:
             raise OptimizerSpecError(f"learning rate must be > 0 in {spec!r}")
-        tx = optax.with_extra_args_support(PLAIN[kind](lr))
+        # The learning rate lives in the optimizer state, not in the compiled
+        # program: every learning rate of a grid reuses one compiled train step.
+        tx = optax.with_extra_args_support(optax.inject_hyperparams(PLAIN[kind])(learning_rate=lr))
         return tx, {"spec": spec, "kind": kind, "learning_rate": lr}
     if spec in PRETRAINED_NAMES:
         theta, config, metadata = _load_pretrained(spec)
@@ -87,19 +89,14 @@ def _load_checkpoint(spec: str) -> tuple[Any, Any, Any]:
 
 
 def _load_pretrained(name: str) -> tuple[Any, Any, Any]:
-    import mnemosyne_core
-
     try:
-        loaded = mnemosyne_core.pretrained(name)
-    except Exception as exc:
+        from mnemosyne_core.pretrained import pretrained_theta
+    except ModuleNotFoundError as exc:
+        raise OptimizerSpecError(f"pretrained optimizer {name!r} is not available: {exc}") from exc
+    try:
+        return pretrained_theta(name)  # (theta, config, metadata)
+    except Exception as exc:  # PretrainedError, a missing or damaged shipped file
         raise OptimizerSpecError(f"pretrained optimizer {name!r} is not available: {_one_line(exc)}") from exc
-    # pretrained() may hand back the checkpoint triple or a ready optax transform.
-    if isinstance(loaded, tuple) and len(loaded) == 3:
-        return loaded
-    theta = mnemosyne_core.pretrained_theta(name)
-    if isinstance(theta, tuple) and len(theta) >= 2:
-        return theta[0], theta[1], theta[2] if len(theta) > 2 else {}
-    raise OptimizerSpecError(f"pretrained optimizer {name!r}: unexpected format {type(loaded).__name__}")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,0 +1,169 @@
+"""Robotics evaluation: policy return after a fixed env-step budget, per optimizer.
+
+Compares the shipped learned optimizers (``default``, ``robotics``), Adam's best
+learning rate from a grid, Adam(1e-3) and any extra optimizer specs, over
+``--seeds`` seeds per env; and, given two meta-training run folders, whether the
+robotics optimizer initialised from ``default`` converges faster (meta-loss per
+generation) than one meta-trained from a fresh θ with the same config and budget.
+
+    .venv/bin/python benchmarks/robotics_eval.py --out runs/robotics_eval
+    .venv/bin/python benchmarks/robotics_eval.py --envs gymnax_cartpole --seeds 3 \\
+        --extra fresh=runs/robotics_fresh/optimizer.msgpack \\
+        --meta-runs from-default=runs/robotics from-fresh=runs/robotics_fresh --out runs/eval
+
+"Final return" is the greedy return averaged over the last three evaluation
+points (8 fixed evaluation episodes each), which damps single-episode RL noise.
+Writes OUT/results.json, OUT/table.md and one return-vs-env-steps PNG per env.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# env -> (task kwargs, policy updates): the fixed env-step budget is updates * num_envs * horizon.
+BUDGETS = {
+    "gymnax_cartpole": ({"num_envs": 16}, 150),
+    "gymnax_acrobot": ({"num_envs": 16}, 150),
+    "gymnax_pendulum": ({"num_envs": 16}, 600),
+    "brax_inverted_pendulum": ({"num_envs": 8, "hidden": [16, 16]}, 60),
+}
+ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+EVALS = 12  # evaluation points per run
+
+
+def run_one(env: str, spec: str, seed: int, scale: float):
+    from mnemosyne_core.tasks import make_task
+    from service.robotics.optimizers import resolve_optimizer
+    from service.robotics.train import train_policy
+
+    kwargs, updates = BUDGETS[env]
+    updates = max(EVALS, int(updates * scale))
+    task = make_task({"name": env, "kwargs": kwargs})
+    tx, _ = resolve_optimizer(spec)
+    result = train_policy(task, tx, steps=updates, seed=seed, eval_every=max(1, updates // EVALS))
+    tail = [p.episode_return for p in result.history[-3:]]
+    final = statistics.fmean(tail) if all(math.isfinite(r) for r in tail) else math.nan
+    return final, result.history
+
+
+def available(spec: str) -> str | None:
+    from service.robotics.optimizers import OptimizerSpecError, resolve_optimizer
+
+    try:
+        resolve_optimizer(spec)
+    except OptimizerSpecError as exc:
+        return str(exc)
+    return None
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return "diverged"
+    sd = statistics.pstdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.fmean(xs):.1f} ± {sd:.1f}"
+
+
+def meta_convergence(runs: dict[str, pathlib.Path]) -> dict[str, dict]:
+    """Meta-loss per generation of each run (metrics.jsonl) and a summary."""
+    out = {}
+    for label, folder in runs.items():
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+        losses = [r["meta_loss"] for r in rows]
+        k = max(1, min(5, len(losses) // 2))
+        out[label] = {"meta_loss": losses, "first": statistics.fmean(losses[:k]),
+                      "last": statistics.fmean(losses[-k:]), "generations": len(losses)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--envs", nargs="+", default=["gymnax_pendulum", "gymnax_cartpole", "gymnax_acrobot"],
+                    choices=sorted(BUDGETS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every update budget (quick runs)")
+    ap.add_argument("--grid", type=float, nargs="+", default=list(ADAM_GRID), help="Adam learning rates")
+    ap.add_argument("--learned", nargs="*", default=["default", "robotics"], help="pretrained names/specs")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="LABEL=SPEC", help="more optimizers")
+    ap.add_argument("--meta-runs", nargs="*", default=[], metavar="LABEL=DIR",
+                    help="meta-training run folders to compare (metrics.jsonl)")
+    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "runs" / "robotics_eval")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from service.robotics.report import plot_returns
+
+    optimizers: dict[str, str] = {f"adam:{lr:g}": f"adam:{lr:g}" for lr in args.grid}
+    if 1e-3 not in args.grid:
+        optimizers["adam:0.001"] = "adam:1e-3"
+    skipped = {}
+    for spec in [*args.learned, *args.extra]:
+        label, _, target = spec.partition("=") if "=" in spec else (spec, "", spec)
+        reason = available(target)
+        if reason:
+            skipped[label] = reason
+            print(f"skipping {label}: {reason}", flush=True)
+        else:
+            optimizers[label] = target
+
+    results: dict[str, dict[str, dict]] = {}
+    for env in args.envs:
+        results[env] = {}
+        curves = {}
+        for label, spec in optimizers.items():
+            finals, t0 = [], time.time()
+            for seed in range(args.seeds):
+                final, history = run_one(env, spec, seed, args.scale)
+                finals.append(final)
+                if seed == 0:
+                    curves[label] = history
+            env_steps = history[-1].env_steps
+            results[env][label] = {"finals": finals, "env_steps": env_steps}
+            print(f"{env:24s} {label:12s} {mean_std(finals):>18s}  ({env_steps} env steps, "
+                  f"{time.time() - t0:.0f} s)", flush=True)
+        plot_returns(args.out / f"{env}.png", curves, f"{env}: return vs env steps (seed 0)")
+
+    # Adam best-of-grid per env, by mean final return over seeds.
+    table = ["| env | env steps | default | robotics | Adam best (lr) | Adam 1e-3 | " +
+             " | ".join(e.partition("=")[0] for e in args.extra) + " |"]
+    table.append("|" + "---|" * (6 + len(args.extra)))
+    for env, rows in results.items():
+        grid = {k: v for k, v in rows.items() if k.startswith("adam:") and float(k[5:]) in args.grid}
+
+        def score(k):
+            xs = [x for x in grid[k]["finals"] if math.isfinite(x)]
+            return statistics.fmean(xs) if xs else -math.inf
+
+        best = max(grid, key=score)
+        rows["adam_best"] = {"label": best, **grid[best]}
+
+        def cell(label):
+            return mean_std(rows[label]["finals"]) if label in rows else "n/a"
+
+        extra_cells = " | ".join(cell(e.partition("=")[0]) for e in args.extra)
+        table.append(f"| {env} | {rows[best]['env_steps']} | {cell('default')} | {cell('robotics')} | "
+                     f"{mean_std(grid[best]['finals'])} ({best[5:]}) | {cell('adam:0.001')} | {extra_cells} |")
+
+    meta = meta_convergence({k: pathlib.Path(v) for k, v in (m.split("=", 1) for m in args.meta_runs)})
+    for label, m in meta.items():
+        table.append(f"\nmeta-training {label}: meta-loss first {m['first']:.3f} → last {m['last']:.3f} "
+                     f"over {m['generations']} generations")
+    text = "\n".join(table)
+    print(text)
+    (args.out / "table.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps(
+        {"results": results, "skipped": skipped, "meta": meta, "seeds": args.seeds, "scale": args.scale},
+        indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
