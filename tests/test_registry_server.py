@@ -378,3 +378,14 @@ def test_fetch_resumes_after_a_broken_stream_pinned_to_the_version(client, monke
     version, got = client.fetch("flaky", "latest")
     assert calls == [("latest", 0), (1, 1 << 20)]  # resumed at the byte it stopped, on version 1
     assert version.number == 1 and got == data
+
+
+def test_fetch_into_a_reused_buffer(client):
+    data = os.urandom(200_000)
+    client.publish(data, "into-buffer")
+    buffer = bytearray(300_000)
+    for _ in range(2):
+        _, view = client.fetch("into-buffer", 1, out=buffer)
+        assert bytes(view) == data and view.obj is buffer
+    with pytest.raises(ValueError, match="needs 200000"):
+        client.fetch("into-buffer", 1, out=bytearray(10))
