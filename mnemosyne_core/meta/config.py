@@ -96,7 +96,9 @@ class OptimizerSection:
 class EstimatorConfig:
     """Gradient estimator. ``truncation`` is K: steps per compiled chunk (ES) or per
     truncation (PES, backprop). ``max_log_ratio`` caps log(loss/initial loss) per step
-    so one diverging pair cannot dominate; ``grad_clip`` clips each backprop particle."""
+    so one diverging pair cannot dominate; ``grad_clip`` clips each backprop particle.
+    ``batch_pairs`` pairs share one vmapped call; groups are padded to it, so every task
+    shape compiles exactly once (on CPU 1 is best; raise it on accelerators)."""
 
     kind: str = "es"
     num_pairs: int = 8
@@ -106,6 +108,8 @@ class EstimatorConfig:
     truncation: int = 25
     max_log_ratio: float = 2.0
     grad_clip: float = 10.0
+    batch_pairs: int = 1  # pairs per vmapped call (fixed, padded): one compile per task shape
+
 
     def __post_init__(self) -> None:
         if self.kind not in ESTIMATORS:
@@ -114,8 +118,8 @@ class EstimatorConfig:
             raise ConfigError(f"estimator.shaping must be one of {SHAPINGS}, got {self.shaping!r}")
         if self.meta_loss not in META_LOSSES:
             raise ConfigError(f"estimator.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
-        if self.num_pairs < 1 or self.truncation < 1:
-            raise ConfigError("estimator.num_pairs and estimator.truncation must be ≥ 1")
+        if self.num_pairs < 1 or self.truncation < 1 or self.batch_pairs < 1:
+            raise ConfigError("estimator.num_pairs, truncation and batch_pairs must be ≥ 1")
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"estimator.sigma must be > 0, got {self.sigma}")
         if self.meta_loss == "heldout" and self.kind != "es":

@@ -100,8 +100,8 @@ class EpisodeBook:
         spec = d["spec"]
         if isinstance(spec, dict):  # msgpack restores lists as {"0": ..., "1": ...}
             spec = [spec[str(k)] for k in range(len(spec))]
-        return cls(np.asarray(d["episode"], np.int64), np.asarray(d["step"], np.int64),
-                   np.asarray(d["length"], np.int64), list(spec), np.asarray(d["restart"], bool))
+        return cls(np.array(d["episode"], np.int64), np.array(d["step"], np.int64),
+                   np.array(d["length"], np.int64), list(spec), np.array(d["restart"], bool))
 
     @property
     def truncations_left(self) -> np.ndarray:

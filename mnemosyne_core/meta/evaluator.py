@@ -152,20 +152,27 @@ def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, 
     for t in tickets:
         groups[t.task.to_json()].append(t)
     results: list[PairResult] = []
+    b = config.estimator.batch_pairs
     for spec_json, group in groups.items():
-        try:
-            results.extend(_run_group(flat, ukey, spec_json, group, config, store, worker_id))
-        except Exception as exc:  # a poisoned task must not take the generation down
-            log.warning("task %s failed: %s: %s", spec_json, type(exc).__name__, exc)
-            for t in group:
-                if store is not None:
-                    store.drop(t.pair_id)
-                results.append(PairResult(t.generation, t.pair_id, math.nan, math.nan, 0, Status.ERROR, worker_id))
+        for start in range(0, len(group), b):
+            block = group[start:start + b]
+            real = len(block)
+            block = block + [block[-1]] * (b - real)  # pad: every call has the same shapes
+            try:
+                results.extend(_run_group(flat, ukey, spec_json, block, real, config, store, worker_id))
+            except Exception as exc:  # a poisoned task must not take the generation down
+                log.warning("task %s failed: %s: %s", spec_json, type(exc).__name__, exc)
+                for t in block[:real]:
+                    if store is not None:
+                        store.drop(t.pair_id)
+                    results.append(PairResult(t.generation, t.pair_id, math.nan, math.nan, 0, Status.ERROR,
+                                              worker_id))
     return results
 
 
-def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], config: MetaConfig,
+def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], real: int, config: MetaConfig,
                store: InnerStateStore | None, worker_id: int) -> list[PairResult]:
+    """Run one padded block; only the first ``real`` tickets are answered (and stored)."""
     est = config.estimator
     backprop = est.kind == "backprop"
     m = 1 if backprop else 2  # members per ticket
@@ -186,12 +193,11 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
             statuses.append(Status.OK if t.start_step == 0 else Status.RESET)
             episodes.append(t.episode if t.start_step == 0 else t.generation)
             fresh.append(j)
-    if fresh:
-        keys = jnp.stack([jax.random.key_data(inner_key(group[j].run_key, episodes[j], group[j].pair_id))
-                          for j in fresh])
+    if fresh:  # initialise the whole block (fixed shapes), keep the ones needed
+        keys = jnp.stack([jax.random.key_data(inner_key(t.run_key, e, t.pair_id)) for t, e in zip(group, episodes)])
         new = init(jax.random.wrap_key_data(keys), flat)
-        for i, j in enumerate(fresh):
-            states[j] = jax.tree.map(lambda x: jnp.broadcast_to(x[i], (m,) + x.shape[1:]), new)
+        for j in fresh:
+            states[j] = jax.tree.map(lambda x: jnp.broadcast_to(x[j], (m,) + x.shape[1:]), new)
     state = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *states)
 
     starts = np.array([0 if s is Status.RESET else t.start_step for t, s in zip(group, statuses)])
@@ -224,7 +230,7 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     ok_np = np.asarray(ok).reshape(n, m).all(axis=1)
     count_np = np.asarray(count).reshape(n, m).sum(axis=1)
     out_results = []
-    for j, t in enumerate(group):
+    for j, t in enumerate(group[:real]):
         status = statuses[j] if ok_np[j] else Status.NAN
         lp, ln = meta_np[j, 0], meta_np[j, m - 1]
         if status is Status.NAN:

@@ -27,6 +27,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -52,7 +53,7 @@ from mnemosyne_core.meta.noise import run_key_data
 from mnemosyne_core.meta.pes import PES
 from mnemosyne_core.meta.protocol import Evaluator
 
-__all__ = ["MetaTrainer", "ResumeError", "make_estimator", "make_outer", "lineage"]
+__all__ = ["MetaTrainer", "ResumeError", "make_estimator", "make_outer", "lineage", "validation_loss"]
 
 ESTIMATOR_CLASSES = {"es": ES, "pes": PES, "backprop": TruncatedBackprop}
 CHECKPOINT = "checkpoint.msgpack"
@@ -125,6 +126,8 @@ def _est_from_plain(state: dict[str, Any]) -> dict[str, Any]:
             out[k] = EpisodeBook.from_state_dict(d)
         elif isinstance(v, np.ndarray) and v.shape == () and v.dtype == bool:
             out[k] = bool(v)
+        elif isinstance(v, np.ndarray):
+            out[k] = np.array(v, copy=True)  # msgpack gives read-only views; estimators update in place
         else:
             out[k] = v
     return out
@@ -296,3 +299,24 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+VALIDATION_GENERATION = 2**30  # tickets of this generation are never used for training
+
+
+def validation_loss(config: MetaConfig, theta: Any, *, num_pairs: int | None = None, seed: int | None = None,
+                    evaluator: Evaluator | None = None) -> float:
+    """Mean meta-loss of θ on a fixed held-out set of ES tickets (the same for every θ).
+
+    Uses the antithetic pair mean (L⁺ + L⁻)/2 at ``VALIDATION_GENERATION`` so that two θ
+    are compared on identical tasks, lengths, data and initialisations.
+    """
+    cfg = config.replace(estimator=dataclasses.replace(
+        config.estimator, kind="es", num_pairs=num_pairs or config.estimator.num_pairs))
+    run_key = run_key_data(config.seed if seed is None else seed)
+    tickets, _ = ES(cfg, run_key).ask({}, VALIDATION_GENERATION)
+    ev = evaluator if evaluator is not None else LocalEvaluator(cfg)
+    results = [r for r in ev.evaluate(theta, tickets) if r.status.usable]
+    if not results:
+        return float("nan")
+    return float(np.mean([(r.loss_pos + r.loss_neg) / 2 for r in results]))
