@@ -389,3 +389,12 @@ def test_fetch_into_a_reused_buffer(client):
         assert bytes(view) == data and view.obj is buffer
     with pytest.raises(ValueError, match="needs 200000"):
         client.fetch("into-buffer", 1, out=bytearray(10))
+
+
+def test_large_fetch_round_trips(client, tmp_path):
+    data = os.urandom(9 << 20)  # above the huge-page allocation threshold
+    client.publish(data, "large")
+    _, got = client.fetch("large")
+    assert len(got) == len(data) and bytes(got) == data
+    client.download("large", None, tmp_path / "large.bin")
+    assert (tmp_path / "large.bin").read_bytes() == data

