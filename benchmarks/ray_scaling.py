@@ -136,14 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     from mnemosyne_core.meta.evaluator import learned_optimizer
     from mnemosyne_core.meta.protocol import PairResult, Status
 
+    # Start Ray before JAX spins up its thread pools (Ray forks helper processes).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
     config = load_config(args.config)
     dim = int(learned_optimizer(config).ravel(learned_optimizer(config).init_theta(jax.random.key(0)))[0].size)
     report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                 "jax": jax.__version__, "ray": ray.__version__,
                                 "load_avg_at_start": os.getloadavg()},
                     "config": args.config, "theta_dim": dim, "pairs": args.pairs, "steps": args.steps}
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
     try:
         runs = {}
         for pin in (True, False):

@@ -100,10 +100,9 @@ def actor_options(opts: BackendOptions, forward_env: bool = False) -> dict[str, 
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         if opts.worker_gpus < 1:
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 * opts.worker_gpus:.3f}"
-    elif "TPU" in opts.worker_resources:
-        env["JAX_PLATFORMS"] = "tpu,cpu"
-    else:
-        # A CPU worker on a GPU node must not initialise (and hold) the GPU.
+    elif not opts.worker_resources:
+        # A CPU worker on a GPU node must not initialise (and hold) the GPU. Workers that ask
+        # for custom resources (e.g. {"TPU": 4}) let JAX pick the host's accelerator itself.
         env["JAX_PLATFORMS"] = "cpu"
     options: dict[str, Any] = {
         "num_cpus": opts.worker_cpus,

@@ -48,12 +48,14 @@ class LocalRayHead:
     """``ray start --head --block`` as a child process, with its own temp dir.
 
     ``address`` is ``"HOST:PORT"`` of the GCS once :meth:`start` returns.
-    ``resources`` adds custom resources (e.g. ``{"TPU": 4}``) to test placement.
+    ``resources`` adds custom resources (e.g. ``{"TPU": 4}``) and ``num_gpus`` declares GPUs, so
+    placement can be tested on a machine without accelerators.
     """
 
     def __init__(self, num_cpus: int = 2, resources: dict[str, float] | None = None,
-                 tmpdir: str | None = None):
+                 tmpdir: str | None = None, num_gpus: int = 0):
         self.num_cpus = num_cpus
+        self.num_gpus = num_gpus  # declared, not detected: lets tests check GPU placement without GPUs
         self.resources = dict(resources or {})
         # Unix socket paths are limited to ~107 bytes: keep the root short.
         self._own_tmp = tmpdir is None
@@ -71,6 +73,8 @@ class LocalRayHead:
         cmd = [ray_bin, "start", "--head", "--block", "--port", "0",
                "--num-cpus", str(self.num_cpus), "--include-dashboard", "false",
                "--temp-dir", self.tmpdir, "--disable-usage-stats"]
+        if self.num_gpus:
+            cmd += ["--num-gpus", str(self.num_gpus)]
         if self.resources:
             cmd += ["--resources", json.dumps(self.resources)]
         with open(self._log, "wb") as log:

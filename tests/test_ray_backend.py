@@ -40,7 +40,8 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    head = LocalRayHead(num_cpus=2).start()
+    # One declared (fake) GPU and 4 TPU units: placement is checked without accelerators.
+    head = LocalRayHead(num_cpus=2, num_gpus=1, resources={"TPU": 4}).start()
     mp = pytest.MonkeyPatch()
     for k, v in head.env.items():
         if k.startswith("RAY_"):
@@ -156,6 +157,35 @@ def test_stale_results_are_discarded_and_counted(cluster, config):
     # The late answers of generation 0 arrived during generation 1 and were thrown away.
     assert s0["stale_results"] + s1["stale_results"] == 2
     assert s1["stale_results"] == 2 or s0["stale_results"] == 2
+
+
+def test_fractional_gpu_and_tpu_placement(cluster, config):
+    gpu = RayEvaluator(config, BackendOptions(workers=2, address="auto", worker_cpus=0.5, worker_gpus=0.5))
+    try:
+        infos = gpu.worker_info()
+    finally:
+        gpu.close()
+    # Both half-GPU workers share the one GPU, each capped to 0.9 × 0.5 of its memory.
+    assert [i["resources"].get("GPU") for i in infos] == [0.5, 0.5]
+    assert {tuple(i["gpu_ids"]) for i in infos} == {(0,)}
+    for info in infos:
+        assert info["env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+        assert info["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+        assert "JAX_PLATFORMS" not in info["env"]
+
+    tpu = RayEvaluator(config, BackendOptions(workers=2, address="auto", worker_cpus=0.5,
+                                              worker_resources={"TPU": 2}))
+    try:
+        infos = tpu.worker_info()
+    finally:
+        tpu.close()
+    assert [i["resources"].get("TPU") for i in infos] == [2.0, 2.0]
+    cpu = RayEvaluator(config, BackendOptions(workers=1, address="auto", worker_cpus=0.5))
+    try:
+        [info] = cpu.worker_info()
+    finally:
+        cpu.close()
+    assert info["env"]["JAX_PLATFORMS"] == "cpu" and "GPU" not in info["resources"]
 
 
 def _driver_env(head):

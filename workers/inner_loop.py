@@ -70,9 +70,19 @@ class InnerLoopWorker:
         """Who and where this actor is (pid for fault tests, devices for placement checks)."""
         import jax
 
-        return {"worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
+        info = {"worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
                 "devices": [str(d) for d in jax.devices()],
-                "cpus": sorted(os.sched_getaffinity(0)), "calls": self.calls}
+                "cpus": sorted(os.sched_getaffinity(0)), "calls": self.calls,
+                "env": {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_PYTHON_"))}}
+        try:
+            import ray
+
+            if ray.is_initialized():
+                info["resources"] = ray.get_runtime_context().get_assigned_resources()
+                info["gpu_ids"] = ray.get_gpu_ids()
+        except ImportError:  # plain-Python use without Ray
+            pass
+        return info
 
     def evaluate(self, theta: Any, tickets: Sequence[Any]) -> list[bytes]:
         """Run ``tickets`` (all of one generation) against ``theta``; one encoded result each."""
