@@ -186,15 +186,22 @@ def test_cli_unloadable_optimizer_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_train_policy_writes_summary_plot_and_policy(tmp_path, capsys):
+def test_cli_train_policy_with_checkpoint_writes_summary_plot_and_policy(tmp_path, capsys):
+    from mnemosyne_core import checkpoint
+    from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta
+
+    config = MnemosyneConfig(learning_rate=3e-3)
+    ckpt = tmp_path / "fresh.msgpack"
+    checkpoint.save(ckpt, init_theta(jax.random.key(0), config), config, metadata={"note": "fresh"})
     out = tmp_path / "run"
     code, stdout, _ = _run_cli(
-        ["robotics", "train-policy", "--env", "CartPole-v1", "--optimizer", "adam:3e-3", "--steps", "6",
+        ["robotics", "train-policy", "--env", "CartPole-v1", "--optimizer", str(ckpt), "--steps", "6",
          "--seed", "1", "--eval-every", "3", "--no-progress", "--out", str(out),
          "--task-kwargs", json.dumps({"num_envs": 4, "horizon": 16, "eval_envs": 2})], capsys)
     assert code == 0, stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["env"] == "gymnax_cartpole" and summary["optimizer"]["spec"] == "adam:3e-3"
+    assert summary["env"] == "gymnax_cartpole" and summary["optimizer"]["kind"] == "mnemosyne"
+    assert summary["optimizer"]["metadata"]["note"] == "fresh"
     assert summary["env_steps"] == 6 * 4 * 16
     assert [p["env_steps"] for p in summary["returns"]] == [0, 192, 384]
     assert summary["final_return"] == summary["returns"][-1]["return"] > 0
