@@ -321,11 +321,20 @@ def test_fetch_resumes_from_offset(client, tmp_path):
     # A resumed download with the bytes already held verifies the whole artifact.
     _, whole = client.fetch("resumable", "latest", offset=500_000, prefix=data[:500_000])
     assert whole == data
-    # download() picks up a partial file left by an interrupted run.
+    # download() picks up a partial file left by an interrupted run of the same version.
     out = tmp_path / "resumable.bin"
-    (tmp_path / "resumable.bin.part").write_bytes(data[:2_000_000])
+    part = tmp_path / f"resumable.bin.{hashlib.sha256(data).hexdigest()[:16]}.part"
+    part.write_bytes(data[:2_000_000])
     client.download("resumable", 1, out)
-    assert out.read_bytes() == data and not (tmp_path / "resumable.bin.part").exists()
+    assert out.read_bytes() == data and not part.exists()
+    # A corrupt partial file is caught by the sha256 check and discarded, never renamed into place.
+    corrupt = tmp_path / part.name.replace("resumable.bin", "other.bin")
+    corrupt.write_bytes(b"\0" * 1000)
+    with pytest.raises(IntegrityError):
+        client.download("resumable", 1, tmp_path / "other.bin")
+    assert not corrupt.exists() and not (tmp_path / "other.bin").exists()
+    client.download("resumable", 1, tmp_path / "other.bin")  # the retry starts over and succeeds
+    assert (tmp_path / "other.bin").read_bytes() == data
     # A wrong prefix is caught by the sha256 check.
     with pytest.raises(IntegrityError):
         client.fetch("resumable", 1, offset=10, prefix=b"\0" * 10)
@@ -398,3 +407,30 @@ def test_large_fetch_round_trips(client, tmp_path):
     assert len(got) == len(data) and bytes(got) == data
     client.download("large", None, tmp_path / "large.bin")
     assert (tmp_path / "large.bin").read_bytes() == data
+
+
+def test_interrupted_download_resumes_from_its_part_file(client, monkeypatch, tmp_path):
+    data = os.urandom(3 << 20)
+    version = client.publish(data, "interrupted")
+    real_stream, offsets = client.stream, []
+
+    def dying_stream(name, ref=None, offset=0, chunk_size=0):
+        offsets.append(offset)
+        v, chunks = real_stream(name, ref, offset, chunk_size)
+        if len(offsets) > 1:
+            return v, chunks
+
+        def broken():
+            yield next(chunks)
+            raise RegistryClientError("UNAVAILABLE", "network down")
+
+        return v, broken()
+
+    monkeypatch.setattr(client, "stream", dying_stream)
+    out = tmp_path / "opt.bin"
+    with pytest.raises(RegistryClientError):
+        client.download("interrupted", None, out, retries=0)
+    part = tmp_path / f"opt.bin.{version.sha256[:16]}.part"
+    assert not out.exists() and part.stat().st_size == 1 << 20
+    client.download("interrupted", None, out)
+    assert offsets == [0, 1 << 20] and out.read_bytes() == data and not part.exists()

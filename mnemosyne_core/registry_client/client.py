@@ -247,20 +247,45 @@ class RegistryClient:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def download(self, name: str, ref: int | str | None, path: str | os.PathLike) -> pb.Version:
-        """Fetch into ``path`` (atomically); resumes from ``path + '.part'`` if a previous try was cut."""
+    def download(self, name: str, ref: int | str | None, path: str | os.PathLike,
+                 *, retries: int = 3) -> pb.Version:
+        """Stream a version into ``path``; sha256-verified, atomic, resumable.
+
+        Bytes go to ``<path>.<sha256[:16]>.part`` as they arrive; only a verified
+        file is renamed to ``path``. If the transfer breaks (beyond ``retries``
+        in-call resumes), the ``.part`` file stays and the next ``download`` of
+        the same version continues from its end.
+        """
         path = Path(path)
-        part = path.with_name(path.name + ".part")
-        held = part.read_bytes() if part.exists() else b""
-        pinned = ref
+        version = self.get_version(name, ref)  # pin the number: an alias may move meanwhile
+        part = path.with_name(f"{path.name}.{version.sha256[:16]}.part")
+        held = part.stat().st_size if part.exists() else 0
+        if held > version.size:
+            part.unlink()
+            held = 0
+        digest = hashlib.sha256()
         if held:
-            pinned = self.get_version(name, ref).number
-        try:
-            version, data = self.fetch(name, pinned, offset=len(held), prefix=held)
-        except IntegrityError:
-            part.unlink(missing_ok=True)  # a stale .part from another version: start over next time
-            raise
-        part.write_bytes(data)
+            with open(part, "rb") as f:
+                while block := f.read(CHUNK):
+                    digest.update(block)
+        with open(part, "ab") as f:
+            for attempt in range(retries + 1):
+                try:
+                    _, chunks = self.stream(name, version.number, held)
+                    for chunk in chunks:
+                        f.write(chunk)
+                        digest.update(chunk)
+                        held += len(chunk)
+                    break
+                except RegistryClientError as exc:
+                    f.flush()  # keep what arrived for the next attempt
+                    if attempt == retries or exc.code not in {c.name for c in _RETRYABLE}:
+                        raise
+            f.flush()
+            os.fsync(f.fileno())
+        if held != version.size or digest.hexdigest() != version.sha256:
+            part.unlink(missing_ok=True)
+            raise IntegrityError(f"{version.name}:{version.number}: downloaded file does not match its sha256")
         os.replace(part, path)
         return version
 
