@@ -5,7 +5,8 @@
    task, after a warm-up generation that compiles. Also the same without pinning, for reference.
 2. **Driver aggregation time per pair** at |θ| = 10⁴ and 10⁵: decode the 36-byte results, shape
    fitness and rebuild Σ w_i ε_i from seeds (``mnemosyne_core.meta.es.es_gradient``) — everything
-   the driver does per pair besides waiting.
+   the driver does per pair besides waiting; and the same with ε rebuilt on the workers
+   (``RayEvaluator.weighted_noise_sum``), where the driver only adds one vector per 256 pairs.
 3. **Bytes per pair**: the encoded ES/PES result (worker → driver), the pickled ticket
    (driver → worker) and θ's broadcast per generation amortised over the pairs.
 
@@ -113,6 +114,43 @@ def aggregation(dim: int, pairs: int, repeats: int) -> dict:
             "all_us_per_pair": [1e6 * t / pairs for t, _ in times]}
 
 
+def aggregation_on_workers(config, dim: int, pairs: int, repeats: int, workers: int = 2) -> dict:
+    """The same aggregation with ε rebuilt on the actors (``RayEvaluator.weighted_noise_sum``):
+    the driver decodes, shapes, and adds one |θ| vector per chunk of 256 pairs."""
+    import numpy as np
+
+    from mnemosyne_core.meta.base import shape_fitness
+    from mnemosyne_core.meta.noise import run_key_data
+    from mnemosyne_core.meta.protocol import PairResult, Status
+    from service.ray_backend import BackendOptions, RayEvaluator
+
+    rng = np.random.default_rng(0)
+    rk = run_key_data(0)
+    blobs = [PairResult(1, i, float(a), float(b), 100, Status.OK).encode()
+             for i, (a, b) in enumerate(rng.normal(size=(pairs, 2)))]
+    ev = RayEvaluator(config, BackendOptions(workers=workers, worker_cpus=1))
+
+    def once(generation: int) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = [PairResult.decode(b) for b in blobs]
+        both = shape_fitness(np.array([r.loss_pos for r in results] + [r.loss_neg for r in results]),
+                             "centered_rank")
+        w = (both[:pairs] - both[pairs:]) / (2.0 * pairs * 0.02)
+        g = ev.weighted_noise_sum(rk, [generation] * pairs, [r.pair_id for r in results], w, dim)
+        g.block_until_ready()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    try:
+        ev.worker_info()
+        once(0)
+        times = [once(g) for g in range(1, repeats + 1)]
+    finally:
+        ev.close()
+    return {"dim": dim, "pairs": pairs, "workers": workers,
+            "driver_cpu_us_per_pair": 1e6 * statistics.median(c for _, c in times) / pairs,
+            "wall_us_per_pair": 1e6 * statistics.median(t for t, _ in times) / pairs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="quick")
@@ -151,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[(workers, pin)] = throughput(config, workers, pin, args.pairs, args.steps, args.generations)
                 print(f"  workers={workers} pinned={pin}: "
                       f"{runs[(workers, pin)]['inner_steps_per_s']:.0f} inner steps/s", flush=True)
+        report["aggregation_on_workers"] = [aggregation_on_workers(config, d, args.agg_pairs * 4, 3)
+                                            for d in (10_000, 100_000)]
     finally:
         ray.shutdown()
     report["throughput"] = [dict(v) for v in runs.values()]
@@ -185,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
           f"→ CPU-normalised 2-worker speed-up {2 * eff[2] / eff[1]:.2f}×")
     print(f"driver aggregation per pair, wall (CPU): |θ|=1e4 {agg[10_000]:.1f} ({aggc[10_000]:.1f}) µs "
           f"(target ≤ 50), |θ|=1e5 {agg[100_000]:.1f} ({aggc[100_000]:.1f}) µs")
+    for a in report["aggregation_on_workers"]:
+        print(f"  ε rebuilt on {a['workers']} workers, {a['pairs']} pairs, |θ|={a['dim']:.0e}: driver CPU "
+              f"{a['driver_cpu_us_per_pair']:.1f} µs/pair, wall {a['wall_us_per_pair']:.1f} µs/pair")
     print(f"load average (1 min) at start/end: {report['machine']['load_avg_at_start'][0]:.1f}/"
           f"{report['machine']['load_avg_at_end'][0]:.1f} on {os.cpu_count()} CPUs")
     print(f"bytes per pair: result {b['result_es_pes']} B (target ≤ 64; measured {b['result_measured_in_run']:.0f}),"

@@ -185,6 +185,43 @@ class RayEvaluator:
         finally:
             del theta_ref
 
+    def weighted_noise_sum(self, run_key: Sequence[int], generations: Sequence[int], pair_ids: Sequence[int],
+                           weights: Any, dim: int) -> Any:
+        """``mnemosyne_core.meta.es.weighted_noise_sum`` with ε rebuilt on the workers.
+
+        Same chunks (per generation, ``es._CHUNK`` pairs in the given order) and the same
+        summation order as the in-process function, so on identical hardware the result is
+        identical; the driver only adds one |θ| vector per chunk. Chunks go round-robin to the
+        live actors; a chunk whose actor dies is recomputed locally.
+        """
+        import jax.numpy as jnp
+        import numpy as np
+        import ray
+        from ray.exceptions import RayActorError, WorkerCrashedError
+
+        from mnemosyne_core.meta import es
+
+        chunk = getattr(es, "_CHUNK", 256)
+        gens, ids = np.asarray(list(generations)), np.asarray(list(pair_ids))
+        w = np.asarray(weights, np.float32)
+        live = [a for a, ok in zip(self.actors, self.scheduler.alive) if ok] or self.actors
+        parts = []
+        for g in np.unique(gens):
+            sel = np.nonzero(gens == g)[0]
+            for start in range(0, sel.size, chunk):
+                part = sel[start:start + chunk]
+                actor = live[len(parts) % len(live)]
+                args = (tuple(run_key), int(g), ids[part].tolist(), w[part], int(dim))
+                parts.append((actor.noise_sum.remote(*args), args))
+        total = jnp.zeros((dim,), jnp.float32)
+        for ref, args in parts:
+            try:
+                partial = ray.get(ref)
+            except (RayActorError, WorkerCrashedError):
+                partial = es.weighted_noise_sum(args[0], [args[1]] * len(args[2]), args[2], args[3], args[4])
+            total = total + jnp.asarray(partial)
+        return total
+
     def metrics(self) -> dict[str, Any]:
         """Counters of the last ``evaluate`` call; the trainer adds them to its ``metrics.jsonl`` row."""
         return dict(self.scheduler.stats)

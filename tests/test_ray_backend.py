@@ -188,6 +188,25 @@ def test_fractional_gpu_and_tpu_placement(cluster, config):
     assert info["env"]["JAX_PLATFORMS"] == "cpu" and "GPU" not in info["resources"]
 
 
+def test_noise_sum_on_workers_equals_driver_side_sum(cluster, config):
+    from mnemosyne_core.meta.es import weighted_noise_sum
+
+    rng = np.random.default_rng(0)
+    n, dim = 600, 1000  # three chunks of ≤ 256 pairs, two generations interleaved
+    gens = rng.integers(4, 6, size=n)
+    ids = rng.permutation(n)
+    w = rng.normal(size=n).astype(np.float32)
+    rk = run_key_data(7)
+    evaluator = RayEvaluator(config, BackendOptions(workers=2, address="auto"))
+    try:
+        remote = evaluator.weighted_noise_sum(rk, gens, ids, w, dim)
+    finally:
+        evaluator.close()
+    local = weighted_noise_sum(rk, gens, ids, w, dim)
+    np.testing.assert_array_equal(np.asarray(remote), np.asarray(local))
+    assert float(np.abs(np.asarray(local)).sum()) > 0
+
+
 def _driver_env(head):
     env = dict(head.env)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax"))

@@ -96,6 +96,21 @@ class InnerLoopWorker:
                                    worker_id=self.worker_id)
         return [r.encode() for r in results]
 
+    def noise_sum(self, run_key: Sequence[int], generation: int, pair_ids: Sequence[int],
+                  weights: Any, dim: int) -> Any:
+        """Σ_j w_j ε(generation, pair_j) for one chunk of pairs, as float32 numpy.
+
+        Lets the driver hand ε regeneration (the only |θ|-sized per-pair work of ES) to the
+        workers: it sums one vector per chunk instead of rebuilding every ε itself.
+        """
+        import numpy as np
+
+        from mnemosyne_core.meta.es import weighted_noise_sum
+
+        ids = [int(i) for i in pair_ids]
+        out = weighted_noise_sum(run_key, [generation] * len(ids), ids, np.asarray(weights, np.float32), dim)
+        return np.asarray(out, np.float32)
+
     def state_dict(self) -> dict[int, Any]:
         """This actor's persistent inner problems (host copies), for driver checkpoints."""
         return self.store.state_dict()
