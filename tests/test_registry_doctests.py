@@ -1,0 +1,27 @@
+"""The registry modules' docstring examples run as written."""
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "service.registry.auth",
+    "service.registry.blobs",
+    "service.registry.errors",
+    "service.registry.handlers",
+    "service.registry.storage",
+    "mnemosyne_core.registry_client",
+    "mnemosyne_core.registry_client.errors",
+    "mnemosyne_core.registry_client.hotswap",
+    "mnemosyne_core.registry_client.uri",
+    "mnemosyne_core.registry_client.wire",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no runnable examples"
+    assert result.failed == 0
