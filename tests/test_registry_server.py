@@ -434,3 +434,25 @@ def test_interrupted_download_resumes_from_its_part_file(client, monkeypatch, tm
     assert not out.exists() and part.stat().st_size == 1 << 20
     client.download("interrupted", None, out)
     assert offsets == [0, 1 << 20] and out.read_bytes() == data and not part.exists()
+
+
+def test_every_domain_error_has_a_status_and_others_are_internal():
+    from service.registry import errors
+    from service.registry.servicer import STATUS_BY_ERROR, status_for
+
+    domain = [c for c in vars(errors).values()
+              if isinstance(c, type) and issubclass(c, errors.RegistryError) and c is not errors.RegistryError]
+    assert set(domain) == set(STATUS_BY_ERROR)
+    assert status_for(errors.NotFound("gone")) == (grpc.StatusCode.NOT_FOUND, "gone")
+    code, message = status_for(KeyError("/srv/secret/path"))
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in message
+
+
+def test_unexpected_errors_become_internal_without_details(client, server, monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("db password is hunter2")
+
+    monkeypatch.setattr(server.registry, "get_version", explode)
+    with pytest.raises(RegistryClientError) as info:
+        client.get_version("anything")
+    assert info.value.code == "INTERNAL" and "hunter2" not in info.value.message
