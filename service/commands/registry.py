@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def _serve(args) -> int:
             raise CLIError(f"token file {args.token_file} contains no token")
     if args.read_token_required and not tokens:
         raise CLIError("--read-token-required needs --token-file")
+    # Operators see the startup recovery report and unexpected errors on stderr.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(
             args.data, db_url=args.db, host=args.host, port=args.port, tokens=tokens,
