@@ -93,12 +93,17 @@ def init_tensor_theta(
 ) -> dict:
     """θ of the ``tensor`` variant: HPE, CAM projections + τ, per-coordinate head."""
     k_hpe, k_cam, k_ctx, k_w1 = jax.random.split(key, 4)
-    ctx = _dense(k_ctx, value_width + width + extra_ctx, head_hidden)
+    ctx_in = value_width + width + extra_ctx
+    ctx = _dense(k_ctx, ctx_in, head_hidden)
     head = {
         "ctx_w": ctx["w"],
         "ctx_b": ctx["b"],
         "w1": jax.random.normal(k_w1, (num_coord, head_hidden), jnp.float32) / math.sqrt(num_coord),
-        **_zero_head_out(head_hidden),
+        # Zero-initialised outputs (fresh θ == Adam): per-coordinate direction
+        # correction, and a per-chunk log step size read from HPE/CAM.
+        "w_d": jnp.zeros((head_hidden,), jnp.float32),
+        "w_s": jnp.zeros((ctx_in,), jnp.float32),
+        "b_s": jnp.zeros((), jnp.float32),
     }
     return {
         "hpe": init_hpe(k_hpe, num_pool, width, hpe_hidden),
@@ -145,16 +150,15 @@ def init_tensor_memory(
     )
 
 
-def pool_leaf(g: jax.Array, param: jax.Array | None, layout: ChunkLayout) -> tuple[jax.Array, jax.Array]:
-    """Pooling level 1 for one tensor: token means of g, g² (and p²).
+def pool_leaf(g: jax.Array, layout: ChunkLayout) -> tuple[jax.Array, jax.Array]:
+    """Pooling level 1 for one tensor: token means of g and g².
 
-    Only cheap expressions of the inputs, so each is a single read-only
+    Only cheap expressions of the gradient, so each is a single read-only
     reduction pass; everything nonlinear happens on the small token arrays.
+    (Pooling the parameters too cost a measurable extra pass per step; the
+    parameter value reaches the update through the per-coordinate head.)
     """
-    raw = [g, g * g]
-    if param is not None:
-        raw += [param * param]
-    return pool_tokens(raw, layout)
+    return pool_tokens([g, g * g], layout)
 
 
 def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: float) -> jax.Array:
@@ -168,9 +172,6 @@ def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: floa
         g * jax.lax.rsqrt(gsq + 1e-30),  # gradient coherence inside the token, in [-1, 1]
         0.1 * jnp.log(rms),  # gradient scale (log; /10 keeps it O(1))
     ]
-    if means.shape[-1] > 2:
-        p_rms = jnp.sqrt(jnp.maximum(means[..., 2], 0.0)) + 1e-8
-        feats += [0.1 * jnp.log(p_rms)]  # parameter scale (log)
     return jnp.stack(feats, axis=-1)
 
 
@@ -185,9 +186,10 @@ def tensor_context(
     betas: tuple[float, float, float],
     bias_corrections: tuple[jax.Array, jax.Array, jax.Array],
     eps: float,
+    magnitude_scale: float = 1.0,
     global_ctx: jax.Array | None = None,
-) -> tuple[jax.Array, TensorMemory, jax.Array]:
-    """HPE → CAM → per-chunk head context for all tensors at once.
+) -> tuple[jax.Array, jax.Array, TensorMemory, jax.Array]:
+    """HPE → CAM → per-chunk head context and step-size gain for all tensors at once.
 
     ``means (L, b, T, K)`` from :func:`pool_leaf` stacked over the L tensors;
     ``mask (L, b, T)``. Batching the tensors keeps the number of small kernels
@@ -219,13 +221,16 @@ def tensor_context(
     if global_ctx is not None:
         ctx_in.append(jnp.broadcast_to(global_ctx, (meta.shape[0], global_ctx.shape[-1])))
     head = theta["head"]
-    ctx = jnp.concatenate(ctx_in, axis=-1) @ head["ctx_w"] + head["ctx_b"]
-    return ctx.reshape(num_leaves, b, -1), TensorMemory(cam_state, moments), finite
+    features = jnp.concatenate(ctx_in, axis=-1)
+    ctx = features @ head["ctx_w"] + head["ctx_b"]
+    gain = jnp.exp(magnitude_scale * (features @ head["w_s"] + head["b_s"]))
+    return ctx.reshape(num_leaves, b, -1), gain.reshape(num_leaves, b), TensorMemory(cam_state, moments), finite
 
 
 def tensor_head(
     head: dict,
     ctx: jax.Array,
+    gain: jax.Array,
     g: jax.Array,
     m1: jax.Array,
     m2: jax.Array,
@@ -235,14 +240,14 @@ def tensor_head(
     *,
     bias_corrections: tuple[jax.Array, jax.Array, jax.Array],
     eps: float,
-    magnitude_scale: float,
 ) -> jax.Array:
     """Per-coordinate MLP of one tensor → direction ``d·exp(β·s)`` (same shape as ``g``).
 
     Runs on the ``(b, T·P)`` chunk view so each chunk's context ``ctx (b, H)``
-    broadcasts along rows, and is unrolled into elementwise multiply-adds (one
-    fused loop; no ``stack(...) @ W``). With the zero-initialised output layer,
-    ``d`` is Adam's ``m̂/(√v̂+ε)`` and ``s = 0``.
+    and gain ``exp(β·s)`` ``(b,)`` broadcast along rows, and is unrolled into
+    elementwise multiply-adds (one fused loop; no ``stack(...) @ W``; ReLU; no
+    transcendental beyond Adam's square root). With the zero-initialised output
+    weights, ``d`` is Adam's ``m̂/(√v̂+ε)`` and the gain is 1.
     """
     shape = g.shape
     c1, c2, cv = bias_corrections
@@ -255,17 +260,14 @@ def tensor_head(
     coord = [adam_dir, view(m2) * (c2 * inv), view(g) * inv]
     if param is not None:
         coord.append(view(param))
-    w1, w_d, w_s = head["w1"], head["w_d"], head["w_s"]
+    w1, w_d = head["w1"], head["w_d"]
     d = adam_dir
-    s = head["b_s"]
     for j in range(w1.shape[1]):
         pre = ctx[:, j : j + 1]
         for i, f in enumerate(coord):
             pre = pre + w1[i, j] * f
-        h = jnp.maximum(pre, 0.0)
-        d = d + w_d[j] * h
-        s = s + w_s[j] * h
-    return from_chunks(d * jnp.exp(magnitude_scale * s), layout, shape)
+        d = d + w_d[j] * jnp.maximum(pre, 0.0)
+    return from_chunks(d * gain[:, None], layout, shape)
 
 
 def preprocess(x: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:

@@ -175,7 +175,7 @@ def _num_coord_features(config: MnemosyneConfig) -> int:
 
 
 def _num_token_features(config: MnemosyneConfig) -> int:
-    return 5 if config.use_param_feature else 4  # see head._token_features
+    return 4  # see head._token_features
 
 
 def init_theta(key: jax.Array, config: MnemosyneConfig) -> dict:
@@ -346,12 +346,13 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
             # loop per state array + one for the head).
             layouts = [_layout(config, g) for g in g_leaves]
             params32 = [p.astype(jnp.float32) if config.use_param_feature else None for p in p_leaves]
-            pooled = [pool_leaf(g, p, lay) for g, p, lay in zip(g32s, params32, layouts)]
+            pooled = [pool_leaf(g, lay) for g, lay in zip(g32s, layouts)]
             means = jnp.stack([m for m, _ in pooled]) if pooled else None
             if pooled:
-                ctx, memory, finite = tensor_context(
+                ctx, gain, memory, finite = tensor_context(
                     theta_s, means, jnp.stack([k for _, k in pooled]), state.memory, omega_hpe, omega_cam,
-                    betas=(b1, b2, bv), bias_corrections=corr, eps=config.eps, global_ctx=global_ctx,
+                    betas=(b1, b2, bv), bias_corrections=corr, eps=config.eps,
+                    magnitude_scale=config.magnitude_scale, global_ctx=global_ctx,
                 )
                 ok = ok & finite
                 new_memory = keep(memory, state.memory)
@@ -366,8 +367,8 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                 new_moments["m2"].append(m2)
                 new_moments["v"].append(v)
                 directions.append(tensor_head(
-                    theta_s["head"], ctx[i], g, m1, m2, v, params32[i], layouts[i],
-                    bias_corrections=corr, eps=config.eps, magnitude_scale=config.magnitude_scale,
+                    theta_s["head"], ctx[i], gain[i], g, m1, m2, v, params32[i], layouts[i],
+                    bias_corrections=corr, eps=config.eps,
                 ))
         else:
             new_moments = {"m1": [], "v": []}
