@@ -49,9 +49,11 @@ def count(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed *interleaved* (one call of
-    each per round), so load from other processes hits all of them alike."""
+def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per call of each function, timed *interleaved* (one
+    call of each per round), so load from other processes hits all of them
+    alike. The minimum is the least contended run: on a shared machine it is
+    the steadier estimate of the intrinsic cost."""
     for fn in fns.values():  # warm-up (compile)
         jax.block_until_ready(fn())
         jax.block_until_ready(fn())
@@ -61,7 +63,7 @@ def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, f
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
 def state_floats_per_param(state: Any, params: Any) -> float:
@@ -148,16 +150,18 @@ def main() -> None:
             calls[n], floats, temp = update_case(makers[n](), params)
             rows[n]["state floats/param"] = floats
             rows[n][f"temp MiB ({label})"] = temp / 2**20
-        for n, t in median_times(calls, repeats).items():
-            rows[n][label] = t
+        for n, (med, low) in median_times(calls, repeats).items():
+            rows[n][label] = med
+            rows[n][f"{label} (min)"] = low
         del calls
     print(f"train step MLP {mlp}: {sum(a * b + b for a, b in mlp):,} parameters, batch 128", flush=True)
-    for n, t in median_times({n: train_case(makers[n](), mlp, 128) for n in names}, repeats).items():
-        rows[n]["train step"] = t
+    for n, (med, low) in median_times({n: train_case(makers[n](), mlp, 128) for n in names}, repeats).items():
+        rows[n]["train step"] = med
+        rows[n]["train step (min)"] = low
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print()
-    print(f"{'metric':<28}" + "".join(f"{n:>22}" for n in names))
+    print(f"{'metric (median; min)':<28}" + "".join(f"{n:>22}" for n in names))
     for metric in rows["adam"]:
         cells = []
         for n in names:
