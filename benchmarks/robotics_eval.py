@@ -39,7 +39,21 @@ ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 EVALS = 12  # evaluation points per run
 
 
-def run_one(env: str, spec: str, seed: int, scale: float):
+def run_one(env: str, spec: str, seed: int, scale: float, cache: dict, cache_path: pathlib.Path):
+    """Final return and history of one run; finished runs are cached in OUT/runs.json so a
+    re-run with more optimizers (e.g. once ``robotics`` ships) only trains the new ones."""
+    from service.robotics.train import EvalPoint
+
+    key = f"{env}|{spec}|{seed}|{scale}"
+    if key not in cache:
+        final, history = _train(env, spec, seed, scale)
+        cache[key] = {"final": final, "history": [vars(p) for p in history]}
+        cache_path.write_text(json.dumps(cache))
+    hit = cache[key]
+    return hit["final"], [EvalPoint(**p) for p in hit["history"]]
+
+
+def _train(env: str, spec: str, seed: int, scale: float):
     from mnemosyne_core.tasks import make_task
     from service.robotics.optimizers import resolve_optimizer
     from service.robotics.train import train_policy
@@ -98,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "runs" / "robotics_eval")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    cache_path = args.out / "runs.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
 
     from service.robotics.report import plot_returns
 
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, spec in optimizers.items():
             finals, t0 = [], time.time()
             for seed in range(args.seeds):
-                final, history = run_one(env, spec, seed, args.scale)
+                final, history = run_one(env, spec, seed, args.scale, cache, cache_path)
                 finals.append(final)
                 if seed == 0:
                     curves[label] = history
@@ -132,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         plot_returns(args.out / f"{env}.png", curves, f"{env}: return vs env steps (seed 0)")
 
     # Adam best-of-grid per env, by mean final return over seeds.
-    table = ["| env | env steps | default | robotics | Adam best (lr) | Adam 1e-3 | " +
-             " | ".join(e.partition("=")[0] for e in args.extra) + " |"]
+    extra_labels = [e.partition("=")[0] for e in args.extra]
+    table = ["| env | env steps | default | robotics | Adam best (lr) | Adam 1e-3 |" +
+             "".join(f" {label} |" for label in extra_labels)]
     table.append("|" + "---|" * (6 + len(args.extra)))
     for env, rows in results.items():
         grid = {k: v for k, v in rows.items() if k.startswith("adam:") and float(k[5:]) in args.grid}
@@ -148,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         def cell(label):
             return mean_std(rows[label]["finals"]) if label in rows else "n/a"
 
-        extra_cells = " | ".join(cell(e.partition("=")[0]) for e in args.extra)
+        extra_cells = "".join(f" {cell(label)} |" for label in extra_labels)
         table.append(f"| {env} | {rows[best]['env_steps']} | {cell('default')} | {cell('robotics')} | "
-                     f"{mean_std(grid[best]['finals'])} ({best[5:]}) | {cell('adam:0.001')} | {extra_cells} |")
+                     f"{mean_std(grid[best]['finals'])} ({best[5:]}) | {cell('adam:0.001')} |{extra_cells}")
 
     meta = meta_convergence({k: pathlib.Path(v) for k, v in (m.split("=", 1) for m in args.meta_runs)})
     for label, m in meta.items():
