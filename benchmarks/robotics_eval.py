@@ -155,14 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     for env, rows in results.items():
         grid = {k: v for k, v in rows.items() if k.startswith("adam:") and float(k[5:]) in args.grid}
 
-        def score(k):
+        def score(k, grid=grid):
             xs = [x for x in grid[k]["finals"] if math.isfinite(x)]
             return statistics.fmean(xs) if xs else -math.inf
 
         best = max(grid, key=score)
         rows["adam_best"] = {"label": best, **grid[best]}
 
-        def cell(label):
+        def cell(label, rows=rows):
             return mean_std(rows[label]["finals"]) if label in rows else "n/a"
 
         extra_cells = "".join(f" {cell(label)} |" for label in extra_labels)

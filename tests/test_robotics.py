@@ -16,13 +16,13 @@ import pytest
 
 pytest.importorskip("gymnax")
 
-from mnemosyne_core.tasks import TASKS, make_task  # noqa: E402
-from mnemosyne_core.tasks.robotics import FAMILIES, LOSS_FLOOR  # noqa: E402
-from mnemosyne_core.tasks.robotics_envs import UnknownEnvError, make_env  # noqa: E402
-from mnemosyne_core.tasks.robotics_policy import Trajectory, first_episode_return, gae  # noqa: E402
-from service import cli  # noqa: E402
-from service.robotics.optimizers import OptimizerSpecError, resolve_optimizer  # noqa: E402
-from service.robotics.train import train_policy  # noqa: E402
+from mnemosyne_core.tasks import TASKS, make_task
+from mnemosyne_core.tasks.robotics import FAMILIES, LOSS_FLOOR
+from mnemosyne_core.tasks.robotics_envs import UnknownEnvError, make_env
+from mnemosyne_core.tasks.robotics_policy import Trajectory, first_episode_return, gae
+from service import cli
+from service.robotics.optimizers import OptimizerSpecError, resolve_optimizer
+from service.robotics.train import train_policy
 
 SMALL = {"num_envs": 8, "horizon": 64, "eval_envs": 4}
 

@@ -37,13 +37,19 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from mnemosyne_core.tasks.base import TaskSpec, register_task
-from mnemosyne_core.tasks.robotics_envs import ENV_IDS, UnknownEnvError, check_env_name, make_env
+from mnemosyne_core.tasks.robotics_envs import (
+    ENV_IDS,
+    UnknownEnvError,
+    check_env_name,
+    make_env,
+)
 from mnemosyne_core.tasks.robotics_policy import (
     ObsNorm,
     a2c_loss,

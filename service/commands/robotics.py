@@ -52,8 +52,9 @@ def resolve_env(name: str) -> str:
 
 def run_train_policy(args: argparse.Namespace) -> int:
     try:
-        from mnemosyne_core.tasks.robotics_envs import ENV_IDS  # noqa: F401 - needs the extra
         import gymnax  # noqa: F401
+
+        from mnemosyne_core.tasks.robotics_envs import ENV_IDS  # noqa: F401 - needs the extra
     except ModuleNotFoundError as exc:
         raise CLIError(f"robotics extra not installed ({exc.name}); pip install 'mnemosyne[robotics]'", 2)
     env = resolve_env(args.env)
@@ -62,8 +63,8 @@ def run_train_policy(args: argparse.Namespace) -> int:
     try:
         task_kwargs = json.loads(args.task_kwargs)
         if not isinstance(task_kwargs, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
+            raise TypeError(f"got {type(task_kwargs).__name__}")
+    except (TypeError, ValueError) as exc:
         raise CLIError(f"--task-kwargs must be a JSON object: {exc}", 2) from None
 
     from mnemosyne_core.tasks import make_task
@@ -116,7 +117,13 @@ class _progress:
     def __enter__(self):
         if self.disabled:
             return lambda point: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("return {task.fields[ret]}"), TimeElapsedColumn())
