@@ -26,12 +26,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mnemosyne_core.meta.protocol import PairResult, Ticket
 
-__all__ = ["BackendOptions", "RayEvaluator", "actor_options", "make_ray_evaluator",
-           "parse_worker_resources", "connect"]
+__all__ = [
+    "BackendOptions",
+    "RayEvaluator",
+    "actor_options",
+    "connect",
+    "make_ray_evaluator",
+    "parse_worker_resources",
+]
 
 # JAX settings a worker inherits from the driver when both run on this machine.
 _FORWARDED_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
@@ -118,12 +125,16 @@ def actor_options(opts: BackendOptions, forward_env: bool = False) -> dict[str, 
     return options
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join ``address`` or start an embedded local Ray (no dashboard). No-op if already connected."""
+def connect(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join ``address`` or start an embedded local Ray (no dashboard).
+
+    Returns True when this call connected (so the caller owns the connection and shuts it
+    down), False if the process was already connected.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if address:
         kwargs["address"] = address
@@ -134,6 +145,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "an embedded local cluster"
         raise _cli_error(f"cannot connect to Ray at {where}: {str(exc).splitlines()[0]}", 3) from None
+    return True
 
 
 class RayEvaluator:
@@ -147,7 +159,7 @@ class RayEvaluator:
 
         self.opts = opts
         self._config_dict = config.to_dict()
-        connect(opts.address, num_cpus=None)
+        self._owns_ray = connect(opts.address, num_cpus=None)
         self._remote = ray.remote(InnerLoopWorker).options(
             **actor_options(opts, forward_env=opts.address is None))
         actors = [self._spawn(i) for i in range(opts.workers)]
@@ -231,7 +243,6 @@ class RayEvaluator:
     def state_dict(self) -> dict[str, Any]:
         """Every actor's persistent inner problems (PES), merged by pair id."""
         import ray
-
         from ray.exceptions import RayActorError
 
         merged: dict[int, Any] = {}
@@ -260,6 +271,9 @@ class RayEvaluator:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.scheduler.actors = []
+        if self._owns_ray:  # an embedded Ray started for this run ends with it
+            ray.shutdown()
+            self._owns_ray = False
 
 
 def make_ray_evaluator(args: Any, config: Any) -> RayEvaluator:

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import psutil
 
@@ -68,7 +69,7 @@ class LocalRayHead:
     def env(self) -> dict[str, str]:
         return ray_env(self.tmpdir)
 
-    def start(self) -> "LocalRayHead":
+    def start(self) -> LocalRayHead:
         ray_bin = str(Path(sys.executable).with_name("ray"))
         cmd = [ray_bin, "start", "--head", "--block", "--port", "0",
                "--num-cpus", str(self.num_cpus), "--include-dashboard", "false",
@@ -118,7 +119,7 @@ class LocalRayHead:
         if self._own_tmp:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalRayHead":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

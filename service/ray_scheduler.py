@@ -35,7 +35,8 @@ import dataclasses
 import math
 import time
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
@@ -104,10 +105,10 @@ class TicketScheduler:
     def run(self, generation: int, theta_ref: Any, tickets: Sequence[Ticket]) -> list[PairResult]:
         t0 = self.clock()
         if not tickets:
-            self.stats = dict(pairs_reissued=0, stale_results=0, workers_alive=sum(self.alive))
+            self.stats = {"pairs_reissued": 0, "stale_results": 0, "workers_alive": sum(self.alive)}
             return []
-        stats = dict(pairs_reissued=0, stale_results=0, pairs_failed=0, pairs_timed_out=0,
-                     worker_deaths=0, result_bytes=0)
+        stats = {"pairs_reissued": 0, "stale_results": 0, "pairs_failed": 0, "pairs_timed_out": 0,
+                     "worker_deaths": 0, "result_bytes": 0}
         todo = {t.pair_id: t for t in tickets}
         if len(todo) != len(tickets):
             raise ValueError("tickets of one generation must have distinct pair ids")

@@ -15,8 +15,8 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from service.cli import build_parser  # noqa: E402
-from service.ray_backend import parse_worker_resources  # noqa: E402
+from service.cli import build_parser
+from service.ray_backend import parse_worker_resources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -168,7 +168,7 @@ def test_environment_variables_are_read_by_jax_or_ray():
 def test_containerfile_installs_from_the_lock_and_copies_existing_paths():
     text = (DEPLOY / "Containerfile").read_text()
     assert "uv sync --frozen" in text and "pip install -r" not in text
-    for line in re.findall(r"^COPY (.+)$", text, re.M):
+    for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE):
         *sources, _dest = line.split()
         for src in sources:
             assert (REPO / src).exists(), f"Containerfile copies missing {src}"

@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("ray")
 
-from service.cli import CLIError, build_parser  # noqa: E402
-from service.ray_backend import BackendOptions, actor_options, parse_worker_resources  # noqa: E402
-from service.ray_scheduler import SchedulePolicy  # noqa: E402
+from service.cli import CLIError, build_parser
+from service.ray_backend import BackendOptions, actor_options, parse_worker_resources
+from service.ray_scheduler import SchedulePolicy
 
 
 def test_worker_resources_parse():
@@ -45,8 +45,8 @@ def test_actor_options_forward_the_compilation_cache_only_when_asked(monkeypatch
     assert env["JAX_COMPILATION_CACHE_DIR"] == "/tmp/jaxcache"
 
 
-@pytest.mark.parametrize("kwargs", [dict(workers=0), dict(worker_gpus=1.5), dict(worker_cpus=-1),
-                                    dict(min_fraction=0.0)])
+@pytest.mark.parametrize("kwargs", [{"workers": 0}, {"worker_gpus": 1.5}, {"worker_cpus": -1},
+                                    {"min_fraction": 0.0}])
 def test_bad_backend_options_are_cli_errors(kwargs):
     with pytest.raises(CLIError):
         BackendOptions(**kwargs)
