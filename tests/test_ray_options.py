@@ -67,3 +67,13 @@ def test_meta_train_parser_has_every_flag_make_ray_evaluator_reads():
     assert isinstance(args, argparse.Namespace)
     assert (args.workers, args.address, args.worker_cpus, args.worker_gpus) == (3, "auto", 2.0, 0.5)
     assert parse_worker_resources(args.worker_resources) == {"TPU": 4.0}
+
+
+@pytest.mark.parametrize("name", ["service.ray_backend", "service.ray_scheduler", "service.ray_local",
+                                  "workers.inner_loop"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
