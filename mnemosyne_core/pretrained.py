@@ -1,0 +1,72 @@
+"""Shipped optimizers: ``pretrained("default")`` is a ready optax transformation, no tuning needed.
+
+Checkpoints live in ``mnemosyne_core/pretrained/<name>.msgpack`` (the core
+checkpoint format) and are produced by the documented meta-training commands:
+
+* ``default`` — ``mnemosyne meta-train --config default --seed 0 --out runs/default``
+  (``runs/default/optimizer.msgpack``);
+* ``lstm`` — the LSTM baseline, same config and budget:
+  ``mnemosyne meta-train --config default --optimizer-kind lstm --seed 0 --out runs/default_lstm``;
+* ``robotics`` — added by the robotics work (``--config robotics --init-from default``).
+
+Each checkpoint's metadata records the config, seed, generation, code and JAX versions.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> tx = pretrained("default")
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones(3)}, state, params, loss=jnp.float32(1.0))
+    >>> updates["w"].shape
+    (3,)
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import optax
+
+__all__ = ["pretrained", "pretrained_theta", "available", "PretrainedError", "PRETRAINED_DIR"]
+
+PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
+
+
+class PretrainedError(KeyError):
+    """No shipped optimizer of that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown pretrained optimizer"
+
+
+def available() -> list[str]:
+    """Names of the shipped optimizers."""
+    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.msgpack"))
+
+
+def _path(name: str) -> pathlib.Path:
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise PretrainedError(f"invalid pretrained optimizer name {name!r}")
+    path = PRETRAINED_DIR / f"{name}.msgpack"
+    if not path.is_file():
+        raise PretrainedError(f"no pretrained optimizer {name!r}; available: {', '.join(available()) or 'none'}")
+    return path
+
+
+def pretrained_theta(name: str = "default") -> tuple[Any, Any, dict[str, Any]]:
+    """``(theta, config, metadata)`` of a shipped optimizer."""
+    from mnemosyne_core import checkpoint
+
+    return checkpoint.load(_path(name))
+
+
+def pretrained(name: str = "default") -> optax.GradientTransformationExtraArgs:
+    """The shipped optimizer as an optax transformation (Mnemosyne or the LSTM baseline).
+
+    Pass ``loss=`` to ``update`` (the default optimizer uses the loss as a feature).
+    """
+    from mnemosyne_core.meta.learned import LearnedOptimizer
+
+    theta, config, _ = pretrained_theta(name)
+    kind = "lstm" if type(config).__name__.startswith("LSTM") else "mnemosyne"
+    return LearnedOptimizer(kind, config).transform(theta)
