@@ -83,7 +83,7 @@ def cam_read(state: CAMState, log_phi_q: jax.Array) -> jax.Array:
     w = log_phi_q + state.log_scale
     w = w - jax.lax.stop_gradient(jnp.max(w, axis=-1, keepdims=True))
     a = jnp.exp(w)
-    num = jnp.einsum("...r,...re->...e", a, state.num)
+    num = jnp.sum(a[..., None] * state.num, axis=-2)  # tiny r, e: fused, not a dot
     den = jnp.sum(a * state.den, axis=-1, keepdims=True)
     safe = den > 0
     return jnp.where(safe, num / jnp.where(safe, den, 1.0), 0.0)

@@ -157,7 +157,14 @@ class MnemosyneConfig:
 
 
 class MnemosyneState(NamedTuple):
-    """Optimizer state. Only ``moments`` scales with the number of parameters."""
+    """Optimizer state (a NamedTuple; its structure never changes between steps).
+
+    ``tensor``: only ``moments`` (m1, m2, v: 3 floats per parameter) scales with
+    the parameters; ``memory`` is a :class:`~mnemosyne_core.head.TensorMemory`
+    whose size depends on the number of tensors, not their sizes.
+    ``coordinate``: ``moments`` (m1, v) plus one CAM memory per coordinate,
+    ``r·(e+2)`` floats each.
+    """
 
     count: jax.Array  # int32: applied (finite) steps, drives bias correction
     skipped: jax.Array  # int32: steps skipped because of non-finite gradients
@@ -260,6 +267,12 @@ def _moment_names(config: MnemosyneConfig) -> tuple[str, ...]:
     return ("m1", "m2", "v") if config.variant == "tensor" else ("m1", "v")
 
 
+def _empty_tokens(config: MnemosyneConfig) -> tuple[jax.Array, jax.Array]:
+    # A zero-size parameter: all-padding tokens (masked out, zero sums).
+    shape = (config.num_meta_tokens, config.tokens_per_chunk)
+    return jnp.zeros((*shape, 2), jnp.float32), jnp.zeros(shape, bool)
+
+
 def _layout(config: MnemosyneConfig, leaf: jax.Array) -> ChunkLayout:
     return chunk_layout(max(1, int(np.prod(jnp.shape(leaf), dtype=np.int64))), config.num_meta_tokens,
                         config.tokens_per_chunk)
@@ -346,7 +359,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
             # loop per state array + one for the head).
             layouts = [_layout(config, g) for g in g_leaves]
             params32 = [p.astype(jnp.float32) if config.use_param_feature else None for p in p_leaves]
-            pooled = [pool_leaf(g, lay) for g, lay in zip(g32s, layouts)]
+            pooled = [pool_leaf(g, lay) if g.size else _empty_tokens(config) for g, lay in zip(g32s, layouts)]
             means = jnp.stack([m for m, _ in pooled]) if pooled else None
             if pooled:
                 ctx, gain, memory, finite = tensor_context(
@@ -369,7 +382,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                 directions.append(tensor_head(
                     theta_s["head"], ctx[i], gain[i], g, m1, m2, v, params32[i], layouts[i],
                     bias_corrections=corr, eps=config.eps,
-                ))
+                ) if g.size else jnp.zeros_like(g))
         else:
             new_moments = {"m1": [], "v": []}
             memories = []

@@ -257,3 +257,17 @@ def test_learned_parts_change_the_update():
     ctx_changed = s_hist._replace(moments=s0.moments, count=s0.count)  # same moments, other memory
     u_mem, _ = update(g, ctx_changed, params)
     assert float(jnp.max(jnp.abs(u_fresh["w"] - u_mem["w"]))) > 1e-7
+
+
+@pytest.mark.parametrize("variant", ["tensor", "coordinate"])
+def test_scalars_empty_and_odd_shapes(variant):
+    config = MnemosyneConfig(variant=variant, **TINY)
+    tx = mnemosyne(init_theta(jax.random.key(0), config), config)
+    params = {"empty": jnp.zeros((0, 3)), "scalar": jnp.asarray(2.0), "odd": jnp.ones((7,)),
+              "conv": jnp.ones((3, 3, 2, 5))}
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+        assert u.shape == p.shape and bool(jnp.all(jnp.isfinite(u)))
+        np.testing.assert_allclose(u, jnp.full(p.shape, -config.learning_rate), rtol=1e-4)  # Adam's first step
+    assert int(state.count) == 1
