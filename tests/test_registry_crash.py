@@ -7,15 +7,19 @@ survives recovery, and every stored blob re-verifies against its name.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 
 from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
+from mnemosyne_core.registry_client import registry_pb2 as pb
+from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.xdist_group("registry")
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,12 +48,28 @@ def check_integrity(port: int, data: Path) -> int:
     return len(versions)
 
 
+def stalled_upload(port: int, release: threading.Event):
+    """An upload that sends its header and 5 of 20 chunks, then hangs: surely in flight at the kill."""
+    payload = os.urandom(20 * (64 << 10))
+    header = pb.PublishHeader(name="crash", size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+
+    def requests():
+        yield pb.PublishRequest(header=header)
+        for i in range(5):
+            yield pb.PublishRequest(chunk=payload[i << 16:(i + 1) << 16])
+        release.wait()
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    future = pb_grpc.RegistryServiceStub(channel).Publish.future(requests())
+    return channel, future
+
+
 def test_sigkill_during_uploads_leaves_no_partial_version(tmp_path):
     data = tmp_path / "data"
     total_before = 0
-    interrupted = 0  # unfinished uploads found on disk after a kill
     for round_ in range(3):
         proc, port = start_server(data)
+        release = threading.Event()
         try:
             assert check_integrity(port, data) == total_before  # recovery kept every finished version
             finished = threading.Semaphore(0)
@@ -67,27 +87,34 @@ def test_sigkill_during_uploads_leaves_no_partial_version(tmp_path):
                         finished.release()
                         i += 1
 
-            threads = [threading.Thread(target=uploader, args=(s,)) for s in range(4)]
+            threads = [threading.Thread(target=uploader, args=(s,)) for s in range(3)]
             for t in threads:
                 t.start()
+            channel, stalled = stalled_upload(port, release)
             for _ in range(3):  # some uploads completed, others are in flight
                 finished.acquire()
+            while not list((data / "tmp").iterdir()):  # the stalled upload has reached the disk
+                threading.Event().wait(0.01)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             stop.set()
+            release.set()
             for t in threads:
                 t.join()
+            with pytest.raises(grpc.RpcError):
+                stalled.result()
+            channel.close()
         finally:
+            release.set()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        interrupted += len(list((data / "tmp").iterdir()))
+        assert list((data / "tmp").iterdir()), "an unfinished upload should be on disk after the kill"
         proc, port = start_server(data)
         try:
-            total = check_integrity(port, data)
+            total = check_integrity(port, data)  # temp files gone, blobs verified, no partial version
             assert total >= total_before + 3
             total_before = total
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait() == 0  # graceful stop exits cleanly
-    assert interrupted > 0, "no upload was in flight at any kill: the test did not exercise recovery"

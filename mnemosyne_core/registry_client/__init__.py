@@ -48,7 +48,7 @@ from typing import Any
 _EXPORTS = {
     "RegistryClient": ".client",
     "AliasWatch": ".client",
-    "verify": ".client",
+    "verify": ".artifacts",
     "RegistryClientError": ".errors",
     "IntegrityError": ".errors",
     "IncompatibleVersionError": ".errors",

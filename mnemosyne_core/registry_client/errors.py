@@ -32,3 +32,11 @@ class IncompatibleVersionError(RegistryClientError):
 
 class InvalidURIError(ValueError):
     """A ``grpc://`` URI that can't be parsed."""
+
+
+def from_rpc_error(exc) -> RegistryClientError:
+    """A :class:`RegistryClientError` from a ``grpc.RpcError`` (duck-typed: no grpc import)."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    name = getattr(code, "name", None) or "UNKNOWN"
+    details = exc.details() if callable(getattr(exc, "details", None)) else None
+    return RegistryClientError(name, details or str(exc))
