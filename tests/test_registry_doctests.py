@@ -11,6 +11,7 @@ MODULES = [
     "service.registry.blobs",
     "service.registry.errors",
     "service.registry.handlers",
+    "service.registry.schema",
     "service.registry.storage",
     "mnemosyne_core.registry_client",
     "mnemosyne_core.registry_client.errors",

@@ -4,7 +4,8 @@ Layers, one concept per module:
 
 - :mod:`~service.registry.errors` — domain errors (no gRPC);
 - :mod:`~service.registry.blobs` — content-addressed artifact files (sha256, temp + fsync + rename);
-- :mod:`~service.registry.storage` — metadata in SQLAlchemy (SQLite WAL or PostgreSQL);
+- :mod:`~service.registry.schema` — tables and records;
+- :mod:`~service.registry.storage` — metadata transactions in SQLAlchemy (SQLite WAL or PostgreSQL);
 - :mod:`~service.registry.handlers` — the plain-Python operations (publish, fetch, aliases, watch);
 - :mod:`~service.registry.servicer` — thin gRPC servicer + the error→status table;
 - :mod:`~service.registry.auth` — bearer-token interceptor;

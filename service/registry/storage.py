@@ -26,83 +26,24 @@ import collections
 import dataclasses
 import json
 import threading
-import time
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
 from .errors import NotFound
-
-LATEST = "latest"
-
-metadata_obj = sa.MetaData()
-optimizers_t = sa.Table(
-    "optimizers",
+from .schema import (
+    LATEST,
+    AliasRecord,
+    OptimizerRecord,
+    VersionRecord,
+    alias_events_t,
+    aliases_t,
     metadata_obj,
-    sa.Column("name", sa.String(128), primary_key=True),
-    sa.Column("latest_version", sa.Integer, nullable=False, default=0),
-    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    now_ms,
+    optimizers_t,
+    record_from_row,
+    versions_t,
 )
-versions_t = sa.Table(
-    "versions",
-    metadata_obj,
-    sa.Column("name", sa.String(128), sa.ForeignKey("optimizers.name"), primary_key=True),
-    sa.Column("number", sa.Integer, primary_key=True),
-    sa.Column("sha256", sa.String(64), nullable=False, index=True),
-    sa.Column("size", sa.BigInteger, nullable=False),
-    sa.Column("created_ms", sa.BigInteger, nullable=False),
-    sa.Column("metadata_json", sa.Text, nullable=False),
-)
-aliases_t = sa.Table(
-    "aliases",
-    metadata_obj,
-    sa.Column("name", sa.String(128), sa.ForeignKey("optimizers.name"), primary_key=True),
-    sa.Column("alias", sa.String(64), primary_key=True),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("updated_ms", sa.BigInteger, nullable=False),
-)
-alias_events_t = sa.Table(
-    "alias_events",
-    metadata_obj,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("name", sa.String(128), nullable=False),
-    sa.Column("alias", sa.String(64), nullable=False),
-    sa.Column("version", sa.Integer, nullable=True),  # NULL = deleted
-    sa.Column("unix_ms", sa.BigInteger, nullable=False),
-    sa.Index("ix_alias_events_name_alias_id", "name", "alias", "id"),
-)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclasses.dataclass(frozen=True)
-class VersionRecord:
-    name: str
-    number: int
-    sha256: str
-    size: int
-    created_ms: int
-    metadata: dict
-    aliases: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerRecord:
-    name: str
-    latest_version: int
-    updated_ms: int
-    aliases: dict[str, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class AliasRecord:
-    name: str
-    alias: str
-    version: int | None  # None = deleted (events only)
-    updated_ms: int
-    sequence: int = 0
 
 
 def _make_engine(url: str) -> sa.Engine:
@@ -274,7 +215,7 @@ class Store:
                 if row is None:
                     self._require_optimizer(conn, name)
                     raise NotFound(f"optimizer {name!r} has no version {number}")
-                record = self._cache.put((name, number), _version(row, ()))
+                record = self._cache.put((name, number), record_from_row(row, ()))
         return dataclasses.replace(record, aliases=tuple(sorted(a for a, v in alias_rows if v == number)))
 
     def list_versions(self, name: str, limit: int, after: int = 0) -> list[VersionRecord]:
@@ -291,7 +232,7 @@ class Store:
                 sa.select(aliases_t.c.alias, aliases_t.c.version).where(aliases_t.c.name == name).order_by(aliases_t.c.alias)
             ):
                 aliases.setdefault(v, []).append(a)
-        return [_version(r, tuple(aliases.get(r.number, ()))) for r in rows]
+        return [record_from_row(r, tuple(aliases.get(r.number, ()))) for r in rows]
 
     def list_optimizers(self, limit: int, after: str = "", prefix: str = "") -> list[OptimizerRecord]:
         with self._read() as conn:
@@ -372,7 +313,3 @@ def _insert_ignore(conn, table: sa.Table):
     else:  # pragma: no cover - other backends are not supported
         raise NotImplementedError(f"unsupported database {conn.dialect.name!r}")
     return insert(table).on_conflict_do_nothing()
-
-
-def _version(row, aliases: tuple[str, ...]) -> VersionRecord:
-    return VersionRecord(row.name, row.number, row.sha256, row.size, row.created_ms, json.loads(row.metadata_json), aliases)
