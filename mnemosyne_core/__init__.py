@@ -20,6 +20,8 @@ used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 # public name -> defining module
@@ -68,6 +70,28 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module_name), name)
     globals()[name] = value  # cache: later lookups skip __getattr__
     return value
+
+
+class _FlatAPIModule(types.ModuleType):
+    """Keeps exported functions from being shadowed by same-named submodules.
+
+    ``import mnemosyne_core.mnemosyne`` (anywhere) makes the import system bind
+    the *submodule* as ``mnemosyne_core.mnemosyne``; users expect the function of
+    that name. Bind the exported attribute instead when that happens.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (
+            isinstance(value, types.ModuleType)
+            and value.__name__ == f"{__name__}.{name}"
+            and _EXPORTS.get(name) == value.__name__
+            and hasattr(value, name)
+        ):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _FlatAPIModule
 
 
 def __dir__() -> list[str]:

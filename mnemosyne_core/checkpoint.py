@@ -288,7 +288,7 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
     Returns ``(theta, config, metadata)``; raises a :class:`CheckpointError` subclass
     for a file that is not a valid, compatible checkpoint.
     """
-    if isinstance(path, str) and path.startswith("grpc://"):
+    if isinstance(path, str) and path.startswith(("grpc://", "grpcs://")):
         # grpc is an optional extra: import the client only for registry URIs.
         return importlib.import_module("mnemosyne_core.registry_client").load_uri(path)
     with open(path, "rb") as fh:

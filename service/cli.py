@@ -70,4 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module so that `python -m service.cli` and the
+    # console script share one CLIError class (commands import it from here).
+    from service import cli as _cli
+
+    sys.exit(_cli.main())

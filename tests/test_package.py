@@ -77,3 +77,13 @@ def test_cli_unknown_command_exits_nonzero():
     )
     assert proc.returncode != 0
     assert "invalid choice" in proc.stderr
+
+
+def test_exported_functions_not_shadowed_by_submodules():
+    import importlib
+
+    importlib.import_module("mnemosyne_core.mnemosyne")
+    import mnemosyne_core as mn
+
+    assert callable(mn.mnemosyne) and not isinstance(mn.mnemosyne, type(mn))
+    assert mn.mnemosyne.__name__ == "mnemosyne"
