@@ -24,6 +24,7 @@ import os
 import pathlib
 import pickle
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                                             for d in (10_000, 100_000)]
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     report["throughput"] = {("pinned" if k else "unpinned"): v for k, v in runs.items()}
 
     report["aggregation"] = [aggregation(d, args.agg_pairs, 5) for d in (10_000, 100_000)]
