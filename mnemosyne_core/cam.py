@@ -41,7 +41,16 @@ import jax.numpy as jnp
 
 from mnemosyne_core.favor import log_hyperbolic_features
 
-__all__ = ["CAMState", "cam_init", "cam_step", "cam_update", "cam_read", "EMPTY_LOG_SCALE"]
+__all__ = [
+    "CAMState",
+    "cam_init",
+    "cam_step",
+    "cam_update",
+    "cam_read",
+    "cam_init_feature_major",
+    "cam_step_feature_major",
+    "EMPTY_LOG_SCALE",
+]
 
 # Log-scale of an empty memory: finite (so differences never give inf - inf)
 # but far below any real log-feature, so the first write replaces it.
@@ -67,12 +76,20 @@ def cam_init(
     )
 
 
+def _rescale(decayed: jax.Array, log_phi_k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Factors ``e^{decayed - c'}`` (old rows) and ``e^{log φ(k) - c'}`` (new key), ``c' = max``.
+
+    One of the two is exactly 1, so a single ``exp(-|difference|)`` gives both.
+    """
+    old_wins = decayed >= log_phi_k
+    e = jnp.exp(-jnp.abs(decayed - log_phi_k))
+    return jnp.where(old_wins, 1.0, e), jnp.where(old_wins, e, 1.0), jnp.maximum(decayed, log_phi_k)
+
+
 def cam_update(state: CAMState, log_phi_k: jax.Array, v: jax.Array, tau: jax.Array) -> CAMState:
     """Eq. 4 in scaled form: discount by e^{-τ}, then add φ(k) vᵀ and φ(k)."""
     decayed = state.log_scale - tau
-    new_scale = jnp.maximum(decayed, log_phi_k)
-    keep = jnp.exp(decayed - new_scale)  # ≤ 1: rescale the stored rows
-    add = jnp.exp(log_phi_k - new_scale)  # ≤ 1: the new key's features
+    keep, add, new_scale = _rescale(decayed, log_phi_k)
     num = keep[..., None] * state.num + add[..., None] * v[..., None, :]
     den = keep * state.den + add
     return CAMState(num, den, new_scale)
@@ -83,7 +100,7 @@ def cam_read(state: CAMState, log_phi_q: jax.Array) -> jax.Array:
     w = log_phi_q + state.log_scale
     w = w - jax.lax.stop_gradient(jnp.max(w, axis=-1, keepdims=True))
     a = jnp.exp(w)
-    num = jnp.sum(a[..., None] * state.num, axis=-2)  # tiny r, e: fused, not a dot
+    num = jnp.einsum("...r,...re->...e", a, state.num)
     den = jnp.sum(a * state.den, axis=-1, keepdims=True)
     safe = den > 0
     return jnp.where(safe, num / jnp.where(safe, den, 1.0), 0.0)
@@ -106,3 +123,57 @@ def cam_step(
     tau = jnp.asarray(tau, jnp.float32)
     state = cam_update(state, log_hyperbolic_features(k, omega), v, tau)
     return state, cam_read(state, log_hyperbolic_features(q, omega))
+
+
+# ---------------------------------------------------------------- feature-major form
+# For one memory per *parameter coordinate* (the `coordinate` variant) the
+# trailing (r, e) axes above turn every step into millions of tiny batched
+# dots, which XLA CPU runs hundreds of times slower than elementwise code.
+# Here the feature axes lead — num (r, e, *S), den (r, *S), log_scale (r, *S) —
+# and the same Eqs. 4–5 are unrolled over r and e into elementwise arrays
+# that fuse into a few loops.
+
+
+def cam_init_feature_major(shape: tuple[int, ...], num_features: int, value_dim: int) -> CAMState:
+    """Empty memories, one per element of ``shape``, feature axes leading."""
+    return CAMState(
+        num=jnp.zeros((num_features, value_dim, *shape), jnp.float32),
+        den=jnp.zeros((num_features, *shape), jnp.float32),
+        log_scale=jnp.full((num_features, *shape), EMPTY_LOG_SCALE, jnp.float32),
+    )
+
+
+def cam_step_feature_major(
+    state: CAMState,
+    log_phi_q: list[jax.Array],
+    log_phi_k: list[jax.Array],
+    v: list[jax.Array],
+    tau: jax.Array,
+) -> tuple[CAMState, list[jax.Array]]:
+    """:func:`cam_step` (Eq. 4 then Eq. 5) with per-feature/per-value lists of arrays.
+
+    ``log_phi_q``, ``log_phi_k``: ``r`` arrays of shape ``S``; ``v``: ``e`` arrays.
+    Returns the new state and the ``e`` read-out arrays.
+    """
+    r, e = len(log_phi_k), len(v)
+    nums, dens, scales = [], [], []
+    for j in range(r):  # Eq. 4, row j, with the exact log-scale stabiliser
+        keep, add, c = _rescale(state.log_scale[j] - tau, log_phi_k[j])
+        nums.append([keep * state.num[j, i] + add * v[i] for i in range(e)])
+        dens.append(keep * state.den[j] + add)
+        scales.append(c)
+    w = [log_phi_q[j] + scales[j] for j in range(r)]  # Eq. 5, query weights in log space
+    top = w[0]
+    for j in range(1, r):
+        top = jnp.maximum(top, w[j])
+    a = [jnp.exp(wj - top) for wj in w]
+    den = sum(a[j] * dens[j] for j in range(r))
+    safe = den > 0
+    inv = 1.0 / jnp.where(safe, den, 1.0)
+    out = [jnp.where(safe, sum(a[j] * nums[j][i] for j in range(r)) * inv, 0.0) for i in range(e)]
+    new = CAMState(
+        num=jnp.stack([jnp.stack(row) for row in nums]),
+        den=jnp.stack(dens),
+        log_scale=jnp.stack(scales),
+    )
+    return new, out

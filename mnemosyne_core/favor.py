@@ -79,10 +79,7 @@ def log_hyperbolic_features(z: jax.Array, omega: jax.Array) -> jax.Array:
             f"input width {z.shape[-1]} does not match the directions' width {omega.shape[-1]}"
         )
     r = 2 * omega.shape[0]
-    # Broadcast-multiply-sum instead of a matmul: the widths here are tiny
-    # (≤ ~16), where XLA CPU fuses this into the surrounding elementwise loop
-    # but runs a dot as a separate, badly shaped kernel.
-    proj = jnp.sum(z[..., None, :] * omega, axis=-1)
+    proj = z @ omega.T
     base = -0.5 * jnp.sum(z * z, axis=-1, keepdims=True) - 0.5 * math.log(r)
     return base + jnp.concatenate([proj, -proj], axis=-1)
 

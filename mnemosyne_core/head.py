@@ -33,7 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mnemosyne_core.cam import CAMState, cam_init, cam_step
+from mnemosyne_core.cam import CAMState, cam_init, cam_step, cam_step_feature_major
 from mnemosyne_core.hpe import ChunkLayout, encode, from_chunks, init_hpe, pool_tokens, to_chunks
 
 __all__ = [
@@ -126,12 +126,6 @@ def init_coordinate_theta(
 
 def _project(p: dict, x: jax.Array) -> jax.Array:
     return x @ p["w"] + p["b"]
-
-
-def _project_small(p: dict, x: jax.Array) -> jax.Array:
-    """``x @ w + b`` as a broadcast-multiply-sum: for per-coordinate inputs with
-    tiny widths XLA CPU fuses this, whereas ``(n, 4) @ (4, 2)`` is a slow dot."""
-    return jnp.sum(x[..., :, None] * p["w"], axis=-2) + p["b"]
 
 
 class TensorMemory(NamedTuple):
@@ -287,24 +281,51 @@ def preprocess(x: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
     return jnp.where(big, log_abs, -1.0), jnp.where(big, jnp.sign(x), math.exp(p) * x)
 
 
+def _lin(w: jax.Array, b: jax.Array, xs: list[jax.Array], col: int) -> jax.Array:
+    """Column ``col`` of ``stack(xs) @ w + b``, unrolled: elementwise multiply-adds."""
+    out = b[col]
+    for i, x in enumerate(xs):
+        out = out + w[i, col] * x
+    return out
+
+
+def _log_features(z: list[jax.Array], omega: jax.Array) -> list[jax.Array]:
+    """:func:`~mnemosyne_core.favor.log_hyperbolic_features`, unrolled over the tiny widths."""
+    num, dim = omega.shape
+    base = -0.5 * sum(za * za for za in z) - 0.5 * math.log(2 * num)
+    proj = [sum(omega[j, a] * z[a] for a in range(dim)) for j in range(num)]
+    return [base + p for p in proj] + [base - p for p in proj]
+
+
 def coordinate_cam(
     theta: dict,
-    inputs: jax.Array,
+    inputs: list[jax.Array],
     adam_dir: jax.Array,
     memory: CAMState,
     omega: jax.Array,
     *,
     magnitude_scale: float,
 ) -> tuple[jax.Array, CAMState]:
-    """One ``coordinate``-variant step: ``inputs (..., F)`` per coordinate, own CAM each."""
+    """One ``coordinate``-variant step: every coordinate is its own CAM stream.
+
+    ``inputs``: per-coordinate feature arrays (the preprocessed gradient and
+    momentum); ``memory``: feature-major CAM state
+    (:func:`~mnemosyne_core.cam.cam_init_feature_major`). Everything is unrolled
+    over the tiny widths into elementwise arrays (Eqs. 2, 4, 5).
+    """
     cam = theta["cam"]
-    scale = cam["q"]["w"].shape[-1] ** -0.25
-    q = _project_small(cam["q"], inputs) * scale
-    k = _project_small(cam["k"], inputs) * scale
-    v = _project_small(cam["v"], inputs)
-    memory, read = cam_step(memory, q, k, v, omega, jax.nn.softplus(cam["tau_raw"]))
+    width = cam["q"]["w"].shape[-1]
+    scale = width ** -0.25
+    q = [_lin(cam["q"]["w"], cam["q"]["b"], inputs, a) * scale for a in range(width)]  # Eq. 2
+    k = [_lin(cam["k"]["w"], cam["k"]["b"], inputs, a) * scale for a in range(width)]
+    v = [_lin(cam["v"]["w"], cam["v"]["b"], inputs, i) for i in range(cam["v"]["w"].shape[-1])]
+    tau = jax.nn.softplus(cam["tau_raw"])
+    memory, read = cam_step_feature_major(memory, _log_features(q, omega), _log_features(k, omega), v, tau)
     head = theta["head"]
-    h = jax.nn.relu(_project_small({"w": head["w_h"], "b": head["b_h"]}, jnp.concatenate([read, inputs], axis=-1)))
-    d = adam_dir + jnp.sum(h * head["w_d"], axis=-1)
-    s = jnp.sum(h * head["w_s"], axis=-1) + head["b_s"]
+    h_in = read + list(inputs)
+    d, s = adam_dir, head["b_s"]
+    for j in range(head["w_h"].shape[-1]):
+        h = jnp.maximum(_lin(head["w_h"], head["b_h"], h_in, j), 0.0)
+        d = d + head["w_d"][j] * h
+        s = s + head["w_s"][j] * h
     return d * jnp.exp(magnitude_scale * s), memory

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mnemosyne_core.cam import CAMState, cam_init
+from mnemosyne_core.cam import CAMState, cam_init_feature_major
 from mnemosyne_core.favor import orthogonal_directions
 from mnemosyne_core.head import (
     TensorMemory,
@@ -294,8 +294,8 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
             memory = init_tensor_memory(len(leaves), config.num_meta_tokens, config.tokens_per_chunk,
                                         config.num_features, config.value_width)
         else:
-            memory = tuple(cam_init(tuple(jnp.shape(leaf)), config.coord_num_features, config.coord_value_width)
-                           for leaf in leaves)
+            memory = tuple(cam_init_feature_major(tuple(jnp.shape(leaf)), config.coord_num_features,
+                                                  config.coord_value_width) for leaf in leaves)
         return MnemosyneState(
             count=jnp.zeros((), jnp.int32),
             skipped=jnp.zeros((), jnp.int32),
@@ -396,7 +396,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                 if global_ctx is not None:
                     inputs.append(jnp.broadcast_to(global_ctx[0], g.shape))
                 direction, mem = coordinate_cam(
-                    theta_s, jnp.stack(inputs, axis=-1), m1 * (c1 * inv), state.memory[i], omega_cam,
+                    theta_s, inputs, m1 * (c1 * inv), state.memory[i], omega_cam,
                     magnitude_scale=config.magnitude_scale,
                 )
                 new_moments["m1"].append(keep(m1, moments["m1"][i]))

@@ -130,3 +130,23 @@ def test_large_inputs_stay_finite_and_match_log_space_reference():
         om64 = omega.astype(jnp.float64)
         np.testing.assert_allclose(_run_cam(q64, k64, v64, om64), _explicit_log_space(q64, k64, v64, om64),
                                    rtol=1e-8, atol=1e-10)
+
+
+def test_feature_major_form_equals_cam_step():
+    # The unrolled per-coordinate memory (coordinate variant) is the same Eqs. 4–5.
+    from mnemosyne_core.cam import cam_init_feature_major, cam_step_feature_major
+
+    streams, steps, dim, e = 5, 6, 3, 2
+    keys = jax.random.split(jax.random.key(11), 4)
+    q = jax.random.normal(keys[0], (steps, streams, dim)) * 2
+    k = jax.random.normal(keys[1], (steps, streams, dim)) * 2
+    v = jax.random.normal(keys[2], (steps, streams, e))
+    omega = orthogonal_directions(keys[3], 4, dim)
+    ref, fm = cam_init((streams,), 8, e), cam_init_feature_major((streams,), 8, e)
+    for t in range(steps):
+        ref, out_ref = cam_step(ref, q[t], k[t], v[t], omega, TAU)
+        lq = list(jnp.moveaxis(log_hyperbolic_features(q[t], omega), -1, 0))
+        lk = list(jnp.moveaxis(log_hyperbolic_features(k[t], omega), -1, 0))
+        fm, out = cam_step_feature_major(fm, lq, lk, list(v[t].T), jnp.asarray(TAU))
+        np.testing.assert_allclose(jnp.stack(out, -1), out_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.moveaxis(fm.den, 0, -1), ref.den, rtol=1e-5, atol=1e-6)
