@@ -1,17 +1,22 @@
 """Per-tensor update rules of the two Mnemosyne variants (θ layout + one step).
 
 ``tensor`` (default, scalable)
-    per-coordinate features → HPE (:mod:`mnemosyne_core.hpe`) → ``b`` meta-tokens
-    → CAM per meta-token (:mod:`mnemosyne_core.cam`) → the read-out is mapped to
-    a per-chunk context, broadcast back to the chunk's coordinates → a tiny
-    shared per-coordinate MLP head → direction ``d`` and log-magnitude ``s``.
-    The head is written as unrolled elementwise multiply-adds over the feature
+    gradient statistics pooled per token → HPE (:mod:`mnemosyne_core.hpe`) → ``b``
+    meta-tokens per tensor → CAM per meta-token (:mod:`mnemosyne_core.cam`) → the
+    read-out and meta-token give a per-chunk context (broadcast back to the
+    chunk's coordinates) and a per-chunk log step size ``s`` → a tiny shared
+    per-coordinate MLP head on (Adam direction, slow-momentum direction,
+    g/√v̂, parameter) gives the direction ``d``; update ∝ ``d·exp(β·s)``.
+    The head is unrolled into elementwise multiply-adds over the feature
     arrays (no ``stack(...) @ W``: on XLA CPU that form is 30–57× slower, see
-    ENV.md) with ReLU and a single ``exp`` per coordinate.
+    ENV.md), uses ReLU, and needs no transcendental beyond Adam's √ (the
+    ``exp`` is per chunk). All tensors' HPE/CAM work is batched into one set
+    of small kernels.
 
 ``coordinate`` (paper-faithful)
     every scalar parameter is its own CAM stream (θ shared); its input is the
-    classic preprocessed gradient and momentum.
+    classic preprocessed gradient and momentum; unrolled elementwise too
+    (feature-major memory, :func:`~mnemosyne_core.cam.cam_step_feature_major`).
 
 Both heads add a *zero-initialised* correction to the Adam direction
 ``m̂/(√v̂+ε)`` and a zero-initialised log-magnitude, so a fresh θ is exactly
@@ -19,7 +24,7 @@ Adam; meta-training only has to improve on a sound optimizer.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> theta = init_tensor_theta(jax.random.key(0), num_pool=6, num_coord=4, width=8,
+    >>> theta = init_tensor_theta(jax.random.key(0), num_pool=4, num_coord=4, width=8,
     ...                           value_width=4, hpe_hidden=16, head_hidden=4, extra_ctx=0,
     ...                           init_discount=0.1)
     >>> sorted(theta)
