@@ -44,14 +44,22 @@ def main() -> int:
     if args.lstm != "none":
         learned.append(load_optimizer(args.lstm, "lstm")[0])
     t0 = time.perf_counter()
-    results = evaluation.run_suite(
-        evaluation.suite_specs(args.suite), learned, steps=args.steps, seeds=args.seeds,
-        horizons=[int(h) for h in args.horizons.split(",")],
-        progress=lambda label: print(f"[{time.perf_counter() - t0:7.1f}s] {label}", flush=True))
-    results["optimizer"] = {"source": args.optimizer, "generation": meta.get("generation"), "seed": meta.get("seed")}
-    results["seconds"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    table = evaluation.format_table(results, [lrn.label for lrn in learned])
+    results: dict = {}
+    for spec in evaluation.suite_specs(args.suite):  # one task at a time: partial results survive
+        part = evaluation.run_suite(
+            [spec], learned, steps=args.steps, seeds=args.seeds,
+            horizons=[int(h) for h in args.horizons.split(",")],
+            progress=lambda label: print(f"[{time.perf_counter() - t0:7.1f}s] {label}", flush=True))
+        if not results:
+            results = part
+        else:
+            results["tasks"].update(part["tasks"])
+        results["optimizer"] = {"source": args.optimizer, "generation": meta.get("generation"),
+                                "seed": meta.get("seed")}
+        results["seconds"] = time.perf_counter() - t0
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        table = evaluation.format_table(results, [lrn.label for lrn in learned])
+        (out / "table.txt").write_text(table + "\n")
     (out / "table.txt").write_text(table + "\n")
     evaluation.plot_curves(results, out)
     print(table)
