@@ -42,14 +42,14 @@ import jax.numpy as jnp
 from mnemosyne_core.favor import log_hyperbolic_features
 
 __all__ = [
+    "EMPTY_LOG_SCALE",
     "CAMState",
     "cam_init",
-    "cam_step",
-    "cam_update",
-    "cam_read",
     "cam_init_feature_major",
+    "cam_read",
+    "cam_step",
     "cam_step_feature_major",
-    "EMPTY_LOG_SCALE",
+    "cam_update",
 ]
 
 # Log-scale of an empty memory: finite (so differences never give inf - inf)

@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "orthogonal_directions",
-    "log_hyperbolic_features",
-    "hyperbolic_features",
     "favor_attention",
+    "hyperbolic_features",
+    "log_hyperbolic_features",
+    "orthogonal_directions",
     "softmax_attention",
 ]
 

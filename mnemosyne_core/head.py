@@ -39,19 +39,26 @@ import jax
 import jax.numpy as jnp
 
 from mnemosyne_core.cam import CAMState, cam_init, cam_step, cam_step_feature_major
-from mnemosyne_core.hpe import ChunkLayout, encode, from_chunks, init_hpe, pool_tokens, to_chunks
+from mnemosyne_core.hpe import (
+    ChunkLayout,
+    encode,
+    from_chunks,
+    init_hpe,
+    pool_tokens,
+    to_chunks,
+)
 
 __all__ = [
-    "init_tensor_theta",
-    "init_coordinate_theta",
     "TensorMemory",
+    "coordinate_cam",
+    "init_coordinate_theta",
     "init_tensor_memory",
+    "init_tensor_theta",
+    "inverse_softplus",
     "pool_leaf",
+    "preprocess",
     "tensor_context",
     "tensor_head",
-    "coordinate_cam",
-    "preprocess",
-    "inverse_softplus",
 ]
 
 

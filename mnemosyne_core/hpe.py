@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ import numpy as np
 
 from mnemosyne_core.favor import favor_attention
 
-__all__ = ["ChunkLayout", "chunk_layout", "pool_tokens", "to_chunks", "from_chunks", "init_hpe", "encode", "hpe_encode"]
+__all__ = ["ChunkLayout", "chunk_layout", "encode", "from_chunks", "hpe_encode", "init_hpe", "pool_tokens", "to_chunks"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,24 +38,24 @@ from mnemosyne_core.favor import orthogonal_directions
 from mnemosyne_core.head import (
     TensorMemory,
     coordinate_cam,
+    init_coordinate_theta,
     init_tensor_memory,
+    init_tensor_theta,
     pool_leaf,
+    preprocess,
     tensor_context,
     tensor_head,
-    init_coordinate_theta,
-    init_tensor_theta,
-    preprocess,
 )
 from mnemosyne_core.hpe import ChunkLayout, chunk_layout
 
 __all__ = [
     "MnemosyneConfig",
     "MnemosyneState",
+    "feature_directions",
     "init_theta",
-    "validate_theta",
     "mnemosyne",
     "scale_by_mnemosyne",
-    "feature_directions",
+    "validate_theta",
 ]
 
 VARIANTS = ("tensor", "coordinate")
@@ -142,7 +142,7 @@ class MnemosyneConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MnemosyneConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MnemosyneConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(names))

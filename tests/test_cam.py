@@ -8,7 +8,11 @@ from jax import enable_x64
 from jax.scipy.special import logsumexp
 
 from mnemosyne_core.cam import cam_init, cam_step
-from mnemosyne_core.favor import hyperbolic_features, log_hyperbolic_features, orthogonal_directions
+from mnemosyne_core.favor import (
+    hyperbolic_features,
+    log_hyperbolic_features,
+    orthogonal_directions,
+)
 
 TAU = 0.25  # exactly representable, so float32 τ inside CAM equals the float64 reference's
 

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from mnemosyne_core.favor import orthogonal_directions
-from mnemosyne_core.hpe import chunk_layout, encode, from_chunks, hpe_encode, init_hpe, pool_tokens, to_chunks
+from mnemosyne_core.hpe import (
+    chunk_layout,
+    encode,
+    from_chunks,
+    hpe_encode,
+    init_hpe,
+    pool_tokens,
+    to_chunks,
+)
 
 WIDTH, CHUNKS, TOKENS = 4, 2, 3
 PARAMS = init_hpe(jax.random.key(0), num_stats=2, width=WIDTH, hidden=8)
@@ -80,7 +88,7 @@ def test_padding_amount_does_not_change_the_encoding():
     x = jax.random.normal(jax.random.key(6), (29,))
     layout = chunk_layout(29, CHUNKS, TOKENS)
     assert layout.padded_size > 29
-    tokens, mask = pool_tokens([x], layout)
+    tokens, _mask = pool_tokens([x], layout)
     xs = np.asarray(x)
     p = layout.token_size
     manual = [xs[i * p : (i + 1) * p].mean() if i * p < 29 else 0.0 for i in range(CHUNKS * TOKENS)]

@@ -21,7 +21,7 @@ from mnemosyne_core.mnemosyne import (
 )
 from mnemosyne_core.tasks import TaskSpec, make_task
 
-TINY = dict(num_features=4, width=4, value_width=2, tokens_per_chunk=4, hpe_hidden=8)
+TINY = {"num_features": 4, "width": 4, "value_width": 2, "tokens_per_chunk": 4, "hpe_hidden": 8}
 
 
 def _train(task, tx, steps: int, key) -> np.ndarray:
@@ -58,7 +58,7 @@ def test_fresh_theta_matches_adam_update_for_update():
     params = {"w": jax.random.normal(jax.random.key(1), (5, 6)), "s": jnp.asarray(0.3)}
     s1, s2 = tx.init(params), ref.init(params)
     for i in range(4):
-        g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(10 + i), p.shape), params)
+        g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.key(10 + i), p.shape), params)
         u1, s1 = tx.update(g, s1, params)
         u2, s2 = ref.update(g, s2, params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-9), u1, u2)
@@ -152,8 +152,8 @@ def test_config_round_trip_and_validation():
     assert MnemosyneConfig.from_dict(json.loads(config.to_json())) == config
     with pytest.raises(ValueError, match="unknown"):
         MnemosyneConfig.from_dict({**d, "bogus": 1})
-    for bad in (dict(variant="lstm"), dict(num_features=5), dict(width=0), dict(beta1=1.0),
-                dict(learning_rate=-1.0), dict(eps=0.0), dict(num_meta_tokens=True), dict(width=2.5)):
+    for bad in ({"variant": "lstm"}, {"num_features": 5}, {"width": 0}, {"beta1": 1.0},
+                {"learning_rate": -1.0}, {"eps": 0.0}, {"num_meta_tokens": True}, {"width": 2.5}):
         with pytest.raises(ValueError):
             MnemosyneConfig(**bad)
 
