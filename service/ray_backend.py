@@ -68,6 +68,7 @@ class BackendOptions:
     tickets_per_call: int | None = None
     pin_cpus: bool = False  # pin actor i to CPU i (single-node benchmarks)
     poison: tuple[int, ...] = ()  # fault injection for tests: pair ids whose tickets raise
+    stall: dict[int, float] = dataclasses.field(default_factory=dict)  # tests: worker id -> sleep per call
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -172,7 +173,7 @@ class RayEvaluator:
         ncpu = os.cpu_count() or 1
         pin = [index % ncpu] if self.opts.pin_cpus else None
         return self._remote.remote(self._config_dict, worker_id=index, cpu_affinity=pin,
-                                   poison=self.opts.poison)
+                                   poison=self.opts.poison, stall_s=self.opts.stall.get(index, 0.0))
 
     @property
     def actors(self) -> list[Any]:

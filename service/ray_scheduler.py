@@ -159,7 +159,7 @@ class TicketScheduler:
                 if any(queues.values()) and any(self.alive):
                     continue
                 break  # nothing runs and nothing can run: the rest is lost
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=self._timeout(t0, inflight))
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=self._timeout(t0, inflight, queues))
             for ref in ready:
                 if ref in self._pings:
                     self._ping_answered(ref)
@@ -201,14 +201,21 @@ class TicketScheduler:
             out += [(actor, ts[i:i + step]) for i in range(0, len(ts), step)]
         return out
 
-    def _timeout(self, t0: float, inflight: dict[Any, _Call]) -> float | None:
+    def _idle(self, inflight: dict[Any, _Call], queues) -> list[int]:
+        return [i for i in range(len(self.actors)) if self.alive[i] and not queues[i]
+                and not any(c.actor == i for c in inflight.values())]
+
+    def _timeout(self, t0: float, inflight: dict[Any, _Call], queues) -> float | None:
         waits = []
         now = self.clock()
         if self.policy.deadline_s is not None and now < t0 + self.policy.deadline_s:
             waits.append(t0 + self.policy.deadline_s - now)
-        if self.policy.straggler_s is not None and inflight:
-            oldest = min(c.started for c in inflight.values())
-            waits.append(max(0.0, oldest + self.policy.straggler_s - now))
+        # Wake up for a straggler only if someone could take its work; otherwise the next
+        # answer (which frees an actor) is what we wait for anyway.
+        if self.policy.straggler_s is not None and self._idle(inflight, queues):
+            started = [c.started for c in inflight.values() if not c.duplicated]
+            if started:
+                waits.append(max(0.0, min(started) + self.policy.straggler_s - now))
         return min(waits) + 1e-3 if waits else None
 
     def _answered(self, ref, call: _Call, generation, todo, done, deaths, stats, requeue, queues) -> None:
@@ -251,8 +258,7 @@ class TicketScheduler:
         if self.policy.straggler_s is None:
             return
         now = self.clock()
-        idle = [i for i in range(len(self.actors)) if self.alive[i] and not queues[i]
-                and not any(c.actor == i for c in inflight.values())]
+        idle = self._idle(inflight, queues)
         for call in sorted(inflight.values(), key=lambda c: c.started):
             if not idle:
                 return

@@ -133,6 +133,23 @@ def test_poisoned_pair_is_dropped_and_run_goes_on(cluster, config, tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.theta))
 
 
+def test_straggler_tickets_are_duplicated_on_an_idle_worker(cluster, config):
+    theta = learned_optimizer(config).init_theta(jax.random.key(0))
+    spec = TaskSpec("quadratic", {"dim": 4})
+    tickets = [Ticket(0, i, spec, 10, 10, run_key=run_key_data(0)) for i in range(4)]
+    # Actor 1 hangs in every call; a call older than 1 s is copied to an idle actor.
+    evaluator = RayEvaluator(config, BackendOptions(workers=2, address="auto", straggler_s=1.0,
+                                                    stall={1: 3600.0}))
+    try:
+        results = evaluator.evaluate(theta, tickets)
+        stats = evaluator.metrics()
+    finally:
+        evaluator.close()
+    assert [r.pair_id for r in results] == [0, 1, 2, 3]
+    assert all(r.status == Status.OK and r.worker_id == 0 for r in results)
+    assert stats["pairs_reissued"] == 2 and stats["worker_deaths"] == 0
+
+
 def test_stale_results_are_discarded_and_counted(cluster, config):
     theta = learned_optimizer(config).init_theta(jax.random.key(0))
     spec = TaskSpec("quadratic", {"dim": 4})

@@ -49,12 +49,13 @@ class InnerLoopWorker:
 
     ``config`` is ``MetaConfig.to_dict()`` (plain data, cheap to ship).
     ``cpu_affinity``: CPUs to pin this process to (``None``: leave as is).
-    ``poison``: pair ids whose tickets raise :class:`PoisonedTicketError` —
-    only for fault-injection tests of the driver's drop policy.
+    ``poison``: pair ids whose tickets raise :class:`PoisonedTicketError`; ``stall_s``: sleep
+    that long in every call — both only for fault-injection tests of the driver's policy.
     """
 
     def __init__(self, config: dict[str, Any], worker_id: int = 0,
-                 cpu_affinity: Sequence[int] | None = None, poison: Sequence[int] = ()):
+                 cpu_affinity: Sequence[int] | None = None, poison: Sequence[int] = (),
+                 stall_s: float = 0.0):
         if cpu_affinity:
             # Before JAX initialises: its CPU thread pool sizes itself from the affinity mask.
             os.sched_setaffinity(0, set(cpu_affinity))
@@ -64,6 +65,7 @@ class InnerLoopWorker:
         self.config = MetaConfig.from_dict(config)
         self.worker_id = int(worker_id)
         self.poison = frozenset(int(p) for p in poison)
+        self.stall_s = float(stall_s)
         self.store = InnerStateStore()
         self.calls = 0
 
@@ -90,6 +92,10 @@ class InnerLoopWorker:
         from mnemosyne_core.meta.evaluator import evaluate_tickets
 
         self.calls += 1
+        if self.stall_s:
+            import time
+
+            time.sleep(self.stall_s)  # a straggler, for fault-injection tests
         bad = [t.pair_id for t in tickets if t.pair_id in self.poison]
         if bad:
             raise PoisonedTicketError(f"worker {self.worker_id}: poisoned pairs {bad}")
