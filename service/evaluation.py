@@ -26,7 +26,8 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ import optax
 
 from mnemosyne_core.tasks import TaskSpec, make_task
 
-__all__ = ["SUITES", "ADAM_LRS", "SGD_LRS", "Learned", "run_suite", "format_table", "plot_curves", "suite_specs"]
+__all__ = ["ADAM_LRS", "SGD_LRS", "SUITES", "Learned", "format_table", "plot_curves", "run_suite", "suite_specs"]
 
 ADAM_LRS = tuple(float(x) for x in np.logspace(-4, -1, 7))  # 1e-4 … 1e-1, includes 1e-3
 SGD_LRS = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -114,6 +115,11 @@ def _curves(task: Any, make_tx: Callable[[jax.Array], Any], hparams: jax.Array, 
     return np.concatenate(pieces, axis=-1), evals
 
 
+def _constant(tx: Any) -> Callable[[Any], Any]:
+    """A ``make_tx`` that ignores its hyper-parameter (learned optimizers carry their own)."""
+    return lambda _: tx
+
+
 def _smooth(curve: np.ndarray, window: int) -> np.ndarray:
     c = np.where(np.isfinite(curve), curve, np.inf)
     if window <= 1:
@@ -140,7 +146,7 @@ def run_suite(specs: Sequence[TaskSpec], learned: Sequence[Learned], *, steps: i
               horizons: Sequence[int] = HORIZONS, include: Sequence[str] = ("adam", "sgd", "prodigy"),
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate; returns ``{"config": …, "tasks": {task_label: {...}}}`` (JSON-able)."""
-    horizons = sorted(set(int(h) for h in horizons))
+    horizons = sorted({int(h) for h in horizons})
     n_chunks = max(horizons)
     window = max(1, steps // 20)
     out: dict[str, Any] = {"config": {"steps": steps, "seeds": seeds, "horizons": horizons, "window": window,
@@ -163,8 +169,8 @@ def run_suite(specs: Sequence[TaskSpec], learned: Sequence[Learned], *, steps: i
             families["prodigy"] = (lambda _: optax.with_extra_args_support(optax.contrib.prodigy(1.0)),
                                    dummy, ["prodigy"])
         for lrn in learned:
-            families[lrn.label] = ((lambda tx: (lambda _: tx))(lrn.transform()), dummy, [lrn.label])
-        for fam, (make_tx, hps, names) in families.items():
+            families[lrn.label] = (_constant(lrn.transform()), dummy, [lrn.label])
+        for make_tx, hps, names in families.values():
             curves, evals = _curves(task, make_tx, hps, seeds, steps, n_chunks, horizons)
             for i, name in enumerate(names):
                 runs[name] = (curves[i], {h: {k: v[i] for k, v in e.items()} for h, e in evals.items()})

@@ -68,14 +68,14 @@ def test_pretrained_default_is_a_ready_optax_transformation():
     from mnemosyne_core.pretrained import available, pretrained_theta
 
     assert {"default", "lstm"} <= set(available())
-    theta, config, meta = pretrained_theta("default")
+    theta, _config, meta = pretrained_theta("default")
     assert meta["seed"] == 0 and meta["config_name"] == "default" and meta["generation"] > 0
     tx = mn.pretrained("default")
     # It trains: a noisy quadratic, 100 steps, no tuning.
     target = jnp.linspace(-1.0, 1.0, 16)
     params = {"w": jnp.zeros(16)}
     state = tx.init(params)
-    loss_fn = lambda p: jnp.sum((p["w"] - target) ** 2)  # noqa: E731
+    loss_fn = lambda p: jnp.sum((p["w"] - target) ** 2)
 
     @jax.jit
     def step(params, state):

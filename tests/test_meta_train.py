@@ -132,7 +132,7 @@ def test_cli_meta_train_writes_outputs_and_resumes(tmp_path, capsys):
     assert list((out / "tb").iterdir())
     from mnemosyne_core import checkpoint
 
-    theta, config, meta = checkpoint.load(out / "optimizer.msgpack")
+    _theta, config, meta = checkpoint.load(out / "optimizer.msgpack")
     assert type(config).__name__ == "LSTMConfig"
     assert meta["generation"] == 3 and meta["seed"] == 0 and meta["config"]["estimator"]["num_pairs"] == 2
     assert meta["jax_version"] == jax.__version__ and meta["code_version"]

@@ -7,6 +7,12 @@ optimizer is meta-trained), :mod:`.unroll` (inner training), :mod:`.evaluator`
 (``evaluate_tickets``, ``LocalEvaluator``), :mod:`.es`, :mod:`.pes`,
 :mod:`.backprop` (estimators), :mod:`.trainer` (the loop, checkpoints, metrics).
 """
-from mnemosyne_core.meta.protocol import Evaluator, PairResult, ProtocolError, Status, Ticket
+from mnemosyne_core.meta.protocol import (
+    Evaluator,
+    PairResult,
+    ProtocolError,
+    Status,
+    Ticket,
+)
 
 __all__ = ["Evaluator", "PairResult", "ProtocolError", "Status", "Ticket"]

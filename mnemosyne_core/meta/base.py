@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from mnemosyne_core.meta.noise import TAG_TASK, sub_key
 from mnemosyne_core.meta.protocol import PairResult, Ticket
 from mnemosyne_core.tasks import TaskSpec
 
-__all__ = ["Estimator", "TellStats", "EpisodeSampler", "shape_fitness", "match_results"]
+__all__ = ["EpisodeSampler", "Estimator", "TellStats", "match_results", "shape_fitness"]
 
 
 @dataclasses.dataclass
@@ -110,9 +111,9 @@ class EpisodeSampler:
             spec = self._specs[int(jax.random.randint(k_task, (), 0, len(self._specs)))]
         lo, hi = math.log(self.tasks.min_unroll), math.log(self.tasks.max_unroll)
         u = float(jax.random.uniform(k_len, (), jnp.float32))
-        length = int(round(math.exp(lo + (hi - lo) * u)))
+        length = round(math.exp(lo + (hi - lo) * u))
         k = self.truncation
-        return spec, max(k, int(math.ceil(length / k)) * k)
+        return spec, max(k, math.ceil(length / k) * k)
 
     def for_pair(self, run_key: Sequence[int], generation: int, pair_id: int) -> tuple[TaskSpec, int]:
         return self(sub_key(run_key, generation, pair_id, TAG_TASK))

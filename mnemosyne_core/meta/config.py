@@ -26,14 +26,14 @@ import tomllib
 from typing import Any
 
 __all__ = [
+    "CONFIG_DIR",
     "ConfigError",
-    "OptimizerSection",
     "EstimatorConfig",
+    "MetaConfig",
+    "OptimizerSection",
     "OuterConfig",
     "TaskConfig",
-    "MetaConfig",
     "load_config",
-    "CONFIG_DIR",
 ]
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -200,7 +200,7 @@ class MetaConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MetaConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MetaConfig:
         sections = {"optimizer": OptimizerSection, "estimator": EstimatorConfig, "outer": OuterConfig,
                     "tasks": TaskConfig}
         top = {f.name for f in dataclasses.fields(cls)}
@@ -220,7 +220,7 @@ class MetaConfig:
         except TypeError as exc:  # pragma: no cover - wrong value types
             raise ConfigError(str(exc)) from exc
 
-    def replace(self, **changes: Any) -> "MetaConfig":
+    def replace(self, **changes: Any) -> MetaConfig:
         return dataclasses.replace(self, **changes)
 
 

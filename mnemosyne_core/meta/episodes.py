@@ -23,7 +23,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -47,7 +48,7 @@ class EpisodeBook:
     restart: np.ndarray  # bool (n,) start a new episode at the next ask
 
     @classmethod
-    def fresh(cls, n: int) -> "EpisodeBook":
+    def fresh(cls, n: int) -> EpisodeBook:
         z = np.zeros(n, np.int64)
         return cls(z.copy(), z.copy(), z.copy(), [""] * n, np.ones(n, bool))
 
@@ -96,7 +97,7 @@ class EpisodeBook:
                 "spec": list(self.spec), "restart": self.restart.copy()}
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> "EpisodeBook":
+    def from_state_dict(cls, d: dict[str, Any]) -> EpisodeBook:
         spec = d["spec"]
         if isinstance(spec, dict):  # msgpack restores lists as {"0": ..., "1": ...}
             spec = [spec[str(k)] for k in range(len(spec))]

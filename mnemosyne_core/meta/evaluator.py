@@ -32,7 +32,8 @@ import functools
 import logging
 import math
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ from mnemosyne_core.meta.protocol import PairResult, Status, Ticket
 from mnemosyne_core.meta.unroll import init_inner, run_chunk, scaled_params
 from mnemosyne_core.tasks import make_task
 
-__all__ = ["InnerStateStore", "LocalEvaluator", "evaluate_tickets", "learned_optimizer", "inner_key", "population"]
+__all__ = ["InnerStateStore", "LocalEvaluator", "evaluate_tickets", "inner_key", "learned_optimizer", "population"]
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, 
             block = block + [block[-1]] * (b - real)  # pad: every call has the same shapes
             try:
                 results.extend(_run_group(flat, ukey, spec_json, block, real, config, store, worker_id))
-            except Exception as exc:  # a poisoned task must not take the generation down
+            except Exception as exc:  # noqa: BLE001 - a poisoned task must not take the generation down
                 log.warning("task %s failed: %s: %s", spec_json, type(exc).__name__, exc)
                 for t in block[:real]:
                     if store is not None:
@@ -197,7 +198,7 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
         keys = jnp.stack([jax.random.key_data(inner_key(t.run_key, e, t.pair_id)) for t, e in zip(group, episodes)])
         new = init(jax.random.wrap_key_data(keys), flat)
         for j in fresh:
-            states[j] = jax.tree.map(lambda x: jnp.broadcast_to(x[j], (m,) + x.shape[1:]), new)
+            states[j] = jax.tree.map(lambda x, j=j: jnp.broadcast_to(x[j], (m,) + x.shape[1:]), new)
     state = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *states)
 
     starts = np.array([0 if s is Status.RESET else t.start_step for t, s in zip(group, statuses)])
@@ -238,7 +239,7 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
         if store is not None:
             if status.usable and ends[j] < t.unroll_length:
                 store.put(t.pair_id, episodes[j], int(ends[j]),
-                          jax.tree.map(lambda x: x.reshape((n, m) + x.shape[1:])[j], state))
+                          jax.tree.map(lambda x, j=j: x.reshape((n, m) + x.shape[1:])[j], state))
             else:
                 store.drop(t.pair_id)
         g = grad[j] if (backprop and status.usable) else None

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-__all__ = ["LearnedOptimizer", "KINDS"]
+__all__ = ["KINDS", "LearnedOptimizer"]
 
 # kind -> (module, config class, init function, transform)
 KINDS: dict[str, tuple[str, str, str, str]] = {
@@ -43,7 +44,7 @@ class LearnedOptimizer:
     config: Any
 
     @classmethod
-    def from_section(cls, kind: str, config: dict[str, Any] | Any) -> "LearnedOptimizer":
+    def from_section(cls, kind: str, config: dict[str, Any] | Any) -> LearnedOptimizer:
         if kind not in KINDS:
             raise ValueError(f"unknown learned optimizer kind {kind!r}; known: {sorted(KINDS)}")
         mod, cfg_name, _, _ = KINDS[kind]

@@ -16,13 +16,13 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["run_key_data", "as_key", "pair_key", "perturbation", "perturbations", "sub_key"]
+__all__ = ["as_key", "pair_key", "perturbation", "perturbations", "run_key_data", "sub_key"]
 
 # Tags for keys derived from a pair key; ε uses the pair key itself.
 TAG_TASK = 1  # task spec + unroll length sampling

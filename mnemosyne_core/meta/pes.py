@@ -24,11 +24,17 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from mnemosyne_core.meta.base import EpisodeSampler, TellStats, match_results, shape_fitness
+from mnemosyne_core.meta.base import (
+    EpisodeSampler,
+    TellStats,
+    match_results,
+    shape_fitness,
+)
 from mnemosyne_core.meta.config import MetaConfig
 from mnemosyne_core.meta.episodes import EpisodeBook
 from mnemosyne_core.meta.learned import LearnedOptimizer

@@ -50,13 +50,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from mnemosyne_core.tasks.base import TaskSpec
 
-__all__ = ["Status", "Ticket", "PairResult", "Evaluator", "ProtocolError"]
+__all__ = ["Evaluator", "PairResult", "ProtocolError", "Status", "Ticket"]
 
 _WIRE_VERSION = 1
 # version, status, flags, generation, pair_id, loss_pos, loss_neg, inner_steps, worker_id
@@ -142,7 +143,7 @@ class PairResult:
         return head + struct.pack("<I", g.size) + g.tobytes()
 
     @classmethod
-    def decode(cls, blob: bytes) -> "PairResult":
+    def decode(cls, blob: bytes) -> PairResult:
         if len(blob) < _HEADER.size:
             raise ProtocolError(f"PairResult needs ≥ {_HEADER.size} bytes, got {len(blob)}")
         version, status, flags, gen, pair, lp, ln, steps, worker = _HEADER.unpack_from(blob)

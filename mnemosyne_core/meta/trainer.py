@@ -35,7 +35,8 @@ import pickle
 import platform
 import subprocess
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ from mnemosyne_core.meta.noise import run_key_data
 from mnemosyne_core.meta.pes import PES
 from mnemosyne_core.meta.protocol import Evaluator
 
-__all__ = ["MetaTrainer", "ResumeError", "make_estimator", "make_outer", "lineage", "validation_loss"]
+__all__ = ["MetaTrainer", "ResumeError", "lineage", "make_estimator", "make_outer", "validation_loss"]
 
 ESTIMATOR_CLASSES = {"es": ES, "pes": PES, "backprop": TruncatedBackprop}
 CHECKPOINT = "checkpoint.msgpack"
@@ -76,7 +77,7 @@ def make_outer(config: MetaConfig) -> optax.GradientTransformation:
 
 def _code_version() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
                              cwd=pathlib.Path(__file__).resolve().parent)
         if out.returncode == 0:
             return out.stdout.strip()
@@ -149,7 +150,7 @@ class MetaTrainer:
         self.config = config.replace(seed=self.seed)
         self.parent: dict[str, Any] = {}
         if init is not None:  # meta-fine-tuning: the architecture comes from the parent checkpoint
-            theta0, opt_config, meta = init
+            _, opt_config, meta = init
             kind = "lstm" if type(opt_config).__name__.startswith("LSTM") else "mnemosyne"
             from mnemosyne_core.meta.config import OptimizerSection, _freeze
 
@@ -210,7 +211,7 @@ class MetaTrainer:
         return row
 
     def run(self, generations: int | None = None, *, on_generation: Callable[[dict], None] | None = None,
-            on_checkpoint: Callable[["MetaTrainer"], None] | None = None) -> list[dict[str, Any]]:
+            on_checkpoint: Callable[[MetaTrainer], None] | None = None) -> list[dict[str, Any]]:
         """Run until ``generations`` in total (default: the config's) have been done."""
         total = self.config.generations if generations is None else int(generations)
         rows = []

@@ -35,7 +35,7 @@ import optax
 
 from mnemosyne_core.meta.learned import LearnedOptimizer
 
-__all__ = ["InnerState", "ChunkOut", "init_inner", "run_chunk", "scaled_params"]
+__all__ = ["ChunkOut", "InnerState", "init_inner", "run_chunk", "scaled_params"]
 
 _TINY = 1e-30
 
@@ -97,7 +97,7 @@ def run_chunk(task: Any, lo: LearnedOptimizer, theta: Any, state: InnerState, nu
         active = t < horizon
         finite = jnp.isfinite(loss)
         term = jnp.minimum(jnp.log(jnp.maximum(loss, _TINY) / jnp.maximum(state.loss0, _TINY)), max_log_ratio)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
         carry = (
             keep(new_params, params),
             keep(new_opt, opt_state),
