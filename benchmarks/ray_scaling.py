@@ -7,8 +7,9 @@
    fitness and rebuild Σ w_i ε_i from seeds (``mnemosyne_core.meta.es.es_gradient``) — everything
    the driver does per pair besides waiting; and the same with ε rebuilt on the workers
    (``RayEvaluator.weighted_noise_sum``), where the driver only adds one vector per 256 pairs.
-3. **Bytes per pair**: the encoded ES/PES result (worker → driver), the pickled ticket
-   (driver → worker) and θ's broadcast per generation amortised over the pairs.
+3. **Bytes per pair**: the encoded ES/PES result (worker → driver), the ticket (driver → worker;
+   pickled alone, and as sent: packed per call by ``workers.wire``) and θ's broadcast per
+   generation amortised over the pairs.
 
 Writes ``benchmarks/results/ray_scaling.json`` and prints a table. Runs its own embedded Ray
 (temporary RAY_TMPDIR, token auth off, no dashboard) and shuts it down.
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from mnemosyne_core.meta.config import load_config
     from mnemosyne_core.meta.evaluator import learned_optimizer
     from mnemosyne_core.meta.protocol import PairResult, Status
+    from workers.wire import pack_tickets
 
     # Start Ray before JAX spins up its thread pools (Ray forks helper processes).
     # 3 logical CPUs: the 1-actor and 2-actor pools exist together but never run at once.
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "result_es_pes": len(PairResult(0, 0, 0.1, 0.2, 120, Status.OK).encode()),
         "result_measured_in_run": runs[True]["result_bytes_per_pair"],
         "ticket_pickled": len(pickle.dumps(ticket, protocol=5)),
+        "ticket_packed_in_call_of_8": len(pack_tickets(_tickets(config, 0, 8, args.steps))) / 8,
+        "ticket_packed_in_call_of_256": len(pack_tickets(_tickets(config, 0, 256, args.steps))) / 256,
         "theta_broadcast_per_pair": 4 * dim / args.pairs,
     }
     report["machine"]["load_avg_at_end"] = os.getloadavg()
@@ -243,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average (1 min) at start/end: {report['machine']['load_avg_at_start'][0]:.1f}/"
           f"{report['machine']['load_avg_at_end'][0]:.1f} on {os.cpu_count()} CPUs")
     print(f"bytes per pair: result {b['result_es_pes']} B (target ≤ 64; measured {b['result_measured_in_run']:.0f}),"
-          f" ticket {b['ticket_pickled']} B, θ broadcast {b['theta_broadcast_per_pair']:.0f} B")
+          f" ticket {b['ticket_pickled']} B pickled alone, {b['ticket_packed_in_call_of_8']:.1f} / "
+          f"{b['ticket_packed_in_call_of_256']:.1f} B packed in calls of 8 / 256,"
+          f" θ broadcast {b['theta_broadcast_per_pair']:.0f} B")
     print(f"wrote {out}")
     return 0
 

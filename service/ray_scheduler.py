@@ -42,6 +42,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
 from mnemosyne_core.meta.protocol import PairResult, Status, Ticket
+from workers.wire import pack_tickets
 
 __all__ = ["SchedulePolicy", "TicketScheduler", "dropped_result"]
 
@@ -121,7 +122,7 @@ class TicketScheduler:
         need = max(1, math.ceil(self.policy.min_fraction * len(tickets))) if tickets else 0
 
         def submit(actor: int, chunk: list[Ticket]) -> None:
-            ref = self.actors[actor].evaluate.remote(theta_ref, [_wire(t) for t in chunk])
+            ref = self.actors[actor].evaluate.remote(theta_ref, _wire(chunk))
             inflight[ref] = _Call(actor, generation, chunk, self.clock())
 
         def requeue(chunk: list[Ticket], avoid: int | None) -> None:
@@ -299,7 +300,10 @@ class TicketScheduler:
         return 0
 
 
-def _wire(ticket: Ticket) -> Ticket:
-    # Tickets travel as the frozen dataclass (a few hundred bytes, dominated by
-    # the task spec JSON); results travel as PairResult.encode() bytes.
-    return ticket
+def _wire(tickets: list[Ticket]) -> bytes | list[Ticket]:
+    # Tickets go out as one compact blob per call (26 B per ticket + each task spec once);
+    # tickets that do not share a run key (never produced by our estimators) go as objects.
+    try:
+        return pack_tickets(tickets)
+    except ValueError:
+        return tickets

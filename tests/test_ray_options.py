@@ -70,10 +70,29 @@ def test_meta_train_parser_has_every_flag_make_ray_evaluator_reads():
 
 
 @pytest.mark.parametrize("name", ["service.ray_backend", "service.ray_scheduler", "service.ray_local",
-                                  "workers.inner_loop"])
+                                  "workers.inner_loop", "workers.wire"])
 def test_docstring_examples_run(name):
     import doctest
     import importlib
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_ticket_batches_round_trip_compactly_and_reject_garbage():
+    from mnemosyne_core.meta.protocol import ProtocolError, Ticket
+    from mnemosyne_core.tasks import TaskSpec
+    from workers.wire import pack_tickets, unpack_tickets
+
+    a, b = TaskSpec("quadratic", {"dim": 4}), TaskSpec("digits_mlp", {"hidden": [32], "activation": "relu"})
+    tickets = [Ticket(5, i, (a, b)[i % 2], 60, 20, start_step=20 * (i % 3), episode=4, run_key=(1, 2))
+               for i in range(64)]
+    blob = pack_tickets(tickets)
+    assert unpack_tickets(blob) == tickets
+    assert len(blob) <= 64 * 26 + 200  # 26 B per ticket + the two specs once
+    assert unpack_tickets(pack_tickets([])) == []
+    with pytest.raises(ValueError):
+        pack_tickets([tickets[0], Ticket(5, 99, a, 60, 20, run_key=(3, 4))])
+    for bad in (blob[:-1], blob + b"x", b"\x09" + blob[1:], b""):
+        with pytest.raises(ProtocolError):
+            unpack_tickets(bad)

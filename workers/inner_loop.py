@@ -87,9 +87,14 @@ class InnerLoopWorker:
             pass
         return info
 
-    def evaluate(self, theta: Any, tickets: Sequence[Any]) -> list[bytes]:
-        """Run ``tickets`` (all of one generation) against ``theta``; one encoded result each."""
+    def evaluate(self, theta: Any, tickets: Sequence[Any] | bytes) -> list[bytes]:
+        """Run ``tickets`` (all of one generation; a list or a :func:`workers.wire.pack_tickets`
+        blob) against ``theta``; one encoded result each."""
         from mnemosyne_core.meta.evaluator import evaluate_tickets
+        from workers.wire import unpack_tickets
+
+        if isinstance(tickets, (bytes, bytearray, memoryview)):
+            tickets = unpack_tickets(bytes(tickets))
 
         self.calls += 1
         if self.stall_s:
