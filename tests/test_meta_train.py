@@ -147,3 +147,30 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     bad.write_text('[estimator]\nkind = "magic"\n')
     assert cli.main(["meta-train", "--config", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert "estimator.kind" in capsys.readouterr().err
+
+
+def test_publish_to_registry_with_lineage_and_best_alias(tmp_path):
+    pytest.importorskip("grpc")
+    from mnemosyne_core.registry_client import RegistryClient
+    from service.demo import start_registry, stop
+
+    proc, uri = start_registry(tmp_path / "registry", tmp_path / "registry.log")
+    try:
+        cfg_path = tmp_path / "pub.toml"
+        cfg_path.write_text(
+            'generations = 3\ncheckpoint_every = 1\npublish_every = 1\n[optimizer.config]\nlearning_rate = 0.05\n'
+            '[estimator]\nnum_pairs = 2\ntruncation = 5\n[tasks]\n'
+            'specs = [{name = "quadratic", kwargs = {dim = 6, condition = 10.0}}]\nmin_unroll = 5\nmax_unroll = 15\n')
+        assert cli.main(["meta-train", "--config", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress",
+                         "--publish", f"{uri}/tiny"]) == 0
+        client = RegistryClient(uri.removeprefix("grpc://"))
+        latest = client.get_version("tiny")
+        assert latest.number == 3  # after generations 1 and 2, and at the end
+        assert latest.metadata.lineage.generation == 3 and latest.metadata.lineage.parent_version == 2
+        assert json.loads(latest.metadata.lineage.config_json)["estimator"]["num_pairs"] == 2
+        assert latest.metadata.lineage.jax_version == jax.__version__
+        best = client.get_version("tiny", "best")
+        assert 1 <= best.number <= 3
+        client.close()
+    finally:
+        stop(proc)
