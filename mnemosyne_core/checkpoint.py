@@ -108,7 +108,8 @@ class IncompatibleCheckpointError(CheckpointError):
 def _kind_of(config: Any) -> str:
     cls = type(config)
     for kind, (module, name, _) in _KINDS.items():
-        if cls.__module__ == module and cls.__name__ == name:
+        # Compare the classes themselves: a class may be defined in one module and re-exported by another.
+        if cls.__name__ == name and getattr(importlib.import_module(module), name) is cls:
             return kind
     raise TypeError(f"no checkpoint kind for config type {cls.__module__}.{cls.__name__}; "
                     f"known: {', '.join(f'{m}.{c}' for m, c, _ in _KINDS.values())}")

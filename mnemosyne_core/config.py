@@ -1,0 +1,116 @@
+"""``MnemosyneConfig``: the static architecture and hyper-parameters of a Mnemosyne optimizer.
+
+θ (the meta-learned weights) is separate; a config is JSON-able and travels in
+checkpoints and registry metadata as the optimizer's architecture spec.
+
+Example:
+    >>> config = MnemosyneConfig(variant="coordinate")
+    >>> MnemosyneConfig.from_dict(config.to_dict()) == config
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+__all__ = ["VARIANTS", "MnemosyneConfig"]
+
+VARIANTS = ("tensor", "coordinate")
+
+
+@dataclasses.dataclass(frozen=True)
+class MnemosyneConfig:
+    """Static architecture and hyper-parameters (JSON-able; θ is separate).
+
+    Shared: ``learning_rate`` α (update = -α·d·exp(β·s)), ``beta1`` (Adam
+    momentum, the initial direction), ``beta2`` (a slower momentum feature),
+    ``beta_v`` (second moment), ``eps``, ``magnitude_scale`` β,
+    ``init_discount`` (CAM's τ at initialisation), ``feature_seed`` (ω).
+    ``use_loss_feature`` feeds log(loss/first loss) to the head and then
+    requires ``update(..., loss=...)``.
+
+    ``tensor``: ``num_features`` r, ``width`` N (meta-token width), ``value_width``
+    (CAM value width), ``num_meta_tokens`` b per tensor, ``tokens_per_chunk`` T,
+    ``hpe_hidden``, ``head_hidden`` H, ``use_param_feature`` (the parameter value
+    is a head input; then ``params`` are required).
+
+    ``coordinate``: ``coord_num_features``, ``coord_width``, ``coord_value_width``,
+    ``coord_head_hidden``, ``preprocess_p``.
+    """
+
+    variant: str = "tensor"
+    feature_seed: int = 0
+    learning_rate: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    beta_v: float = 0.999
+    eps: float = 1e-8
+    magnitude_scale: float = 1.0
+    init_discount: float = 0.1
+    use_loss_feature: bool = False
+    # tensor variant
+    num_features: int = 16
+    width: int = 8
+    value_width: int = 4
+    num_meta_tokens: int = 2
+    tokens_per_chunk: int = 8
+    hpe_hidden: int = 16
+    head_hidden: int = 4
+    use_param_feature: bool = True
+    # coordinate variant
+    coord_num_features: int = 4
+    coord_width: int = 2
+    coord_value_width: int = 1
+    coord_head_hidden: int = 4
+    preprocess_p: float = 10.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = type(f.default)
+            ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))  # accept 1 for 1.0
+                ok = True
+            if not ok:
+                raise ValueError(f"MnemosyneConfig.{f.name} must be {expected.__name__}, got {value!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("num_features", "coord_num_features"):
+            value = getattr(self, name)
+            if value < 2 or value % 2:
+                raise ValueError(f"{name} must be an even int ≥ 2 (features come in ± pairs), got {value}")
+        for name in ("width", "value_width", "num_meta_tokens", "tokens_per_chunk", "hpe_hidden",
+                     "head_hidden", "coord_width", "coord_value_width", "coord_head_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "beta_v"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("learning_rate", "eps", "init_discount", "preprocess_p"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {value}")
+        if not np.isfinite(self.magnitude_scale):
+            raise ValueError(f"magnitude_scale must be finite, got {self.magnitude_scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists in JSON; :meth:`from_dict` restores them)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MnemosyneConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown MnemosyneConfig fields: {unknown}")
+        kwargs = {k: tuple(v) if isinstance(names[k].default, tuple) and isinstance(v, list) else v
+                  for k, v in d.items()}
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
