@@ -144,6 +144,16 @@ def test_gymnax_policy_improves_with_mnemosyne(env):
     assert _best_gain(result) > {"gymnax_cartpole": 50, "gymnax_acrobot": 150}[env]
 
 
+def test_shipped_robotics_optimizer_trains_a_policy():
+    tx, info = resolve_optimizer("robotics")  # mnemosyne_core/pretrained/robotics.msgpack
+    assert info["kind"] == "mnemosyne" and info["metadata"]["config_name"] == "robotics"
+    assert info["metadata"]["parent"]["source"] == "pretrained:default"  # initialised from default
+    kwargs, _, steps = GYMNAX_RUNS["gymnax_cartpole"]
+    result = train_policy(make_task({"name": "gymnax_cartpole", "kwargs": kwargs}), tx, steps=steps,
+                          seed=0, eval_every=steps // 4)
+    assert _best_gain(result) > 50
+
+
 @pytest.mark.slow
 def test_brax_inverted_pendulum_spring_improves():
     task = make_task({"name": "brax_inverted_pendulum",
