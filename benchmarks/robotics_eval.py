@@ -12,7 +12,8 @@ generation) than one meta-trained from a fresh θ with the same config and budge
         --meta-runs from-default=runs/robotics from-fresh=runs/robotics_fresh --out runs/eval
 
 "Final return" is the greedy return averaged over the last three evaluation
-points (8 fixed evaluation episodes each), which damps single-episode RL noise.
+points (8 fixed evaluation episodes each), which damps single-episode RL noise;
+"convergence" is the mean return over all evaluation points of a run.
 Writes OUT/results.json, OUT/table.md and one return-vs-env-steps PNG per env.
 """
 from __future__ import annotations
@@ -135,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         results[env] = {}
         curves = {}
         for label, spec in optimizers.items():
-            finals, t0 = [], time.time()
+            finals, aucs, t0 = [], [], time.time()
             for seed in range(args.seeds):
                 final, history = run_one(env, spec, seed, args.scale, cache, cache_path)
                 finals.append(final)
+                # Mean return over all evaluation points: higher = converged sooner.
+                aucs.append(statistics.fmean(p.episode_return for p in history[1:]))
                 if seed == 0:
                     curves[label] = history
             env_steps = history[-1].env_steps
-            results[env][label] = {"finals": finals, "env_steps": env_steps}
+            results[env][label] = {"finals": finals, "env_steps": env_steps, "aucs": aucs}
             print(f"{env:24s} {label:12s} {mean_std(finals):>18s}  ({env_steps} env steps, "
                   f"{time.time() - t0:.0f} s)", flush=True)
         plot_returns(args.out / f"{env}.png", curves, f"{env}: return vs env steps (seed 0)")
@@ -168,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         extra_cells = "".join(f" {cell(label)} |" for label in extra_labels)
         table.append(f"| {env} | {rows[best]['env_steps']} | {cell('default')} | {cell('robotics')} | "
                      f"{mean_std(grid[best]['finals'])} ({best[5:]}) | {cell('adam:0.001')} |{extra_cells}")
+
+    table.append("\nConvergence speed — mean greedy return over all evaluation points (same budget):\n")
+    table.append("| env | default | robotics | Adam best | Adam 1e-3 |" + "".join(f" {x} |" for x in extra_labels))
+    table.append("|" + "---|" * (5 + len(extra_labels)))
+    for env, rows in results.items():
+        labels = ["default", "robotics", rows["adam_best"]["label"], "adam:0.001", *extra_labels]
+        table.append(f"| {env} |" + "".join(
+            f" {mean_std(rows[x]['aucs'])} |" if x in rows else " n/a |" for x in labels))
 
     meta = meta_convergence({k: pathlib.Path(v) for k, v in (m.split("=", 1) for m in args.meta_runs)})
     for label, m in meta.items():
