@@ -167,7 +167,12 @@ class TaskConfig:
 
     @property
     def spec_dicts(self) -> list[dict[str, Any]]:
-        return [_thaw(s) for s in self.specs]
+        out = []
+        for s in self.specs:
+            d = _thaw(s)
+            # An empty table freezes to () and thaws to []: kwargs are always a table.
+            out.append({"name": d["name"], "kwargs": d.get("kwargs") or {}})
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
