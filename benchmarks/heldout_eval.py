@@ -23,8 +23,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from service import evaluation  # noqa: E402
-from service.commands.evaluate import load_optimizer  # noqa: E402
+from service import evaluation
+from service.commands.evaluate import load_optimizer
 
 
 def main() -> int:

@@ -27,7 +27,7 @@ from typing import Any
 
 import optax
 
-__all__ = ["pretrained", "pretrained_theta", "available", "PretrainedError", "PRETRAINED_DIR"]
+__all__ = ["PRETRAINED_DIR", "PretrainedError", "available", "pretrained", "pretrained_theta"]
 
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
 

@@ -13,7 +13,12 @@ from mnemosyne_core.meta.base import shape_fitness
 from mnemosyne_core.meta.config import MetaConfig
 from mnemosyne_core.meta.es import ES, es_gradient
 from mnemosyne_core.meta.evaluator import population
-from mnemosyne_core.meta.noise import pair_key, perturbation, perturbations, run_key_data
+from mnemosyne_core.meta.noise import (
+    pair_key,
+    perturbation,
+    perturbations,
+    run_key_data,
+)
 from mnemosyne_core.meta.protocol import PairResult, ProtocolError, Status, Ticket
 from mnemosyne_core.tasks import TaskSpec
 

@@ -52,7 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> Any:
-    from mnemosyne_core.meta.config import ConfigError, OptimizerSection, _freeze, load_config
+    from mnemosyne_core.meta.config import (
+        ConfigError,
+        OptimizerSection,
+        _freeze,
+        load_config,
+    )
 
     try:
         config = load_config(args.config)
@@ -204,7 +209,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_with_progress(trainer: Any, total: int, on_generation: Any) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(TextColumn("meta-train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}")) as bar:
