@@ -137,3 +137,29 @@ def test_result_wire_format_is_compact_and_round_trips():
         PairResult.decode(blob[:-1])
     with pytest.raises(ProtocolError):
         PairResult.decode(b"\x09" + blob[1:])
+
+
+def test_tell_uses_a_swapped_in_noise_sum():
+    """The trainer plugs an evaluator's distributed Σ w_i ε_i into ES; tell must route through it."""
+    from mnemosyne_core.meta.es import weighted_noise_sum
+
+    f = _quadratic()
+    theta = {"w": jnp.array([1.0, 0.5, -0.5, 0.2])}
+    n = 16
+    tickets = [Ticket(3, i, TaskSpec("quadratic"), 10, 10, 0, 3, RK) for i in range(n)]
+    eps = perturbations(RK, 3, range(n), 4)
+    lp = np.asarray(jax.vmap(f)(theta["w"] + 0.05 * eps))
+    ln = np.asarray(jax.vmap(f)(theta["w"] - 0.05 * eps))
+    results = [PairResult(3, i, lp[i], ln[i], 20, Status.OK) for i in range(n)]
+    calls = []
+
+    def recording_sum(run_key, generations, pair_ids, weights, dim):
+        calls.append((list(generations), list(pair_ids), dim))
+        return weighted_noise_sum(run_key, generations, pair_ids, weights, dim)
+
+    plain, _, _ = ES(_cfg(num_pairs=n, sigma=0.05), RK).tell({}, tickets, results, theta)
+    es = ES(_cfg(num_pairs=n, sigma=0.05), RK)
+    es.noise_sum = recording_sum
+    routed, _, _ = es.tell({}, tickets, results, theta)
+    assert calls == [([3] * n, list(range(n)), 4)]
+    np.testing.assert_array_equal(np.asarray(routed["w"]), np.asarray(plain["w"]))

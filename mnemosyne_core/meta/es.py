@@ -24,7 +24,7 @@ Example:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -63,15 +63,20 @@ def weighted_noise_sum(run_key: Sequence[int], generations: Sequence[int], pair_
 
 
 def es_gradient(run_key: Sequence[int], generation: int, pair_ids: Sequence[int], loss_pos: Any,
-                loss_neg: Any, sigma: float, shaping: str, dim: int) -> jax.Array:
-    """The antithetic ES estimate (flat, float32) from ids and losses only."""
+                loss_neg: Any, sigma: float, shaping: str, dim: int,
+                noise_sum: Callable[..., Any] | None = None) -> jax.Array:
+    """The antithetic ES estimate (flat, float32) from ids and losses only.
+
+    ``noise_sum`` replaces :func:`weighted_noise_sum` (same signature), e.g. with a
+    distributed version that rebuilds ε on the workers (``RayEvaluator.weighted_noise_sum``).
+    """
     pair_ids = list(pair_ids)
     m = len(pair_ids)
     if m == 0:
         return jnp.zeros((dim,), jnp.float32)
     both = shape_fitness(np.concatenate([np.asarray(loss_pos), np.asarray(loss_neg)]), shaping)
     w = (both[:m] - both[m:]) / (2.0 * m * sigma)
-    return weighted_noise_sum(run_key, [generation] * m, pair_ids, w, dim)
+    return (noise_sum or weighted_noise_sum)(run_key, [generation] * m, pair_ids, w, dim)
 
 
 class ES:
@@ -81,6 +86,8 @@ class ES:
         self.config = config
         self.run_key = tuple(int(x) for x in run_key)
         self.sampler = sampler or EpisodeSampler(config.tasks, config.estimator.truncation)
+        # Σ w_i ε_i; the trainer swaps in an evaluator's distributed version when it has one.
+        self.noise_sum: Callable[..., Any] = weighted_noise_sum
 
     def init(self, theta: Any) -> dict[str, Any]:
         return {}
@@ -101,7 +108,8 @@ class ES:
         lp = np.array([by_pair[i].loss_pos for i in used])
         ln = np.array([by_pair[i].loss_neg for i in used])
         est = self.config.estimator
-        grad = es_gradient(self.run_key, generation, used, lp, ln, est.sigma, est.shaping, flat.size)
+        grad = es_gradient(self.run_key, generation, used, lp, ln, est.sigma, est.shaping, flat.size,
+                           noise_sum=self.noise_sum)
         stats = TellStats(
             meta_loss=float(np.mean((lp + ln) / 2)) if used else float("nan"),
             pairs_used=len(used),

@@ -162,6 +162,10 @@ class MetaTrainer:
         self.estimator = make_estimator(self.config, self.run_key)
         self.outer = make_outer(self.config)
         self.evaluator = evaluator if evaluator is not None else LocalEvaluator(self.config)
+        if hasattr(self.estimator, "noise_sum") and hasattr(self.evaluator, "weighted_noise_sum"):
+            # Rebuild ε where the evaluator runs (e.g. on Ray workers): the driver then only adds
+            # one |θ| vector per chunk instead of regenerating every ε itself.
+            self.estimator.noise_sum = self.evaluator.weighted_noise_sum
         if init is not None:
             from mnemosyne_core.meta.learned import LearnedOptimizer as _LO
 
