@@ -122,9 +122,11 @@ def test_cli_meta_train_writes_outputs_and_resumes(tmp_path, capsys):
         'truncation = 5\n[tasks]\nspecs = [{name = "quadratic", kwargs = {dim = 4}}]\nmin_unroll = 5\n'
         'max_unroll = 10\n')
     out = tmp_path / "run"
-    assert cli.main(["meta-train", "--config", str(cfg_path), "--out", str(out), "--no-progress"]) == 0
+    # --resume-if-present starts fresh on an empty folder and resumes once a checkpoint exists.
     assert cli.main(["meta-train", "--config", str(cfg_path), "--out", str(out), "--no-progress",
-                     "--resume", "--generations", "3"]) == 0
+                     "--resume-if-present"]) == 0
+    assert cli.main(["meta-train", "--config", str(cfg_path), "--out", str(out), "--no-progress",
+                     "--resume-if-present", "--generations", "3"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in rows] == [0, 1, 2]
     for key in ("meta_loss", "pairs_used", "pairs_dropped", "seconds", "inner_steps_per_s"):

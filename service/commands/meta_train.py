@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="config name in configs/ (quick, default, …) or a .toml path")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.msgpack")
+    p.add_argument("--resume-if-present", action="store_true",
+                   help="resume when DIR holds a checkpoint, else start fresh (for job retries, e.g. KubeRay)")
     p.add_argument("--seed", type=int, default=None, help="run seed (default: the config's)")
     p.add_argument("--generations", type=int, default=None, help="total generations (default: the config's)")
     p.add_argument("--optimizer-kind", choices=("mnemosyne", "lstm"), default=None,
@@ -48,6 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--worker-cpus", type=float, default=1.0)
     ray.add_argument("--worker-gpus", type=float, default=0.0)
     ray.add_argument("--worker-resources", default=None, help='JSON, e.g. \'{"TPU": 4}\'')
+    ray.add_argument("--max-restarts", type=int, default=None,
+                     help="restarts per worker actor before it is replaced (default 4)")
+    ray.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                     help="close a generation after this long if --min-fraction of pairs are in")
+    ray.add_argument("--min-fraction", type=float, default=None,
+                     help="fraction of pairs a generation needs before its deadline may close it (default 1.0)")
+    ray.add_argument("--straggler-seconds", type=float, default=None,
+                     help="duplicate a call on an idle worker when it runs longer than this")
     p.set_defaults(func=run)
 
 
@@ -159,7 +169,7 @@ def _registry_metadata(trainer: Any, score: float, earlier: list[int]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mnemosyne_core.meta.trainer import MetaTrainer, ResumeError
+    from mnemosyne_core.meta.trainer import CHECKPOINT, MetaTrainer, ResumeError
 
     config = _load_config(args)
     init = _load_init(args.init_from) if args.init_from else None
@@ -171,8 +181,9 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--backend ray is unavailable: {exc}", 2) from exc
         evaluator = make_ray_evaluator(args, config)
     publisher = _Publisher(args.publish, args.token) if args.publish else None
+    resume = args.resume or (args.resume_if_present and (pathlib.Path(args.out) / CHECKPOINT).exists())
     try:
-        trainer = MetaTrainer(config, args.out, seed=args.seed, evaluator=evaluator, init=init, resume=args.resume)
+        trainer = MetaTrainer(config, args.out, seed=args.seed, evaluator=evaluator, init=init, resume=resume)
     except ResumeError as exc:
         raise CLIError(str(exc), 2) from exc
     except ValueError as exc:
