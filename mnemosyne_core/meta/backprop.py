@@ -22,8 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from mnemosyne_core.meta.base import EpisodeSampler, TellStats, match_results
-from mnemosyne_core.meta.config import MetaConfig
+from mnemosyne_core.meta.base import (
+    EstimatorBase,
+    TellStats,
+    match_results,
+)
 from mnemosyne_core.meta.episodes import EpisodeBook
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.protocol import PairResult, Ticket
@@ -31,13 +34,9 @@ from mnemosyne_core.meta.protocol import PairResult, Ticket
 __all__ = ["TruncatedBackprop"]
 
 
-class TruncatedBackprop:
+class TruncatedBackprop(EstimatorBase):
     """Gradient meta-training over persistent truncations; state = the episode book."""
 
-    def __init__(self, config: MetaConfig, run_key: Sequence[int], sampler: EpisodeSampler | None = None):
-        self.config = config
-        self.run_key = tuple(int(x) for x in run_key)
-        self.sampler = sampler or EpisodeSampler(config.tasks, config.estimator.truncation)
 
     def init(self, theta: Any) -> dict[str, Any]:
         return {"book": EpisodeBook.fresh(self.config.estimator.num_pairs), "started": False}
@@ -63,11 +62,5 @@ class TruncatedBackprop:
                 raise ValueError(f"pair {i}: gradient has shape {g.shape}, θ has {flat.size} entries")
             grad += g / len(used)
         losses = np.array([by_pair[i].loss_pos for i in used])
-        stats = TellStats(
-            meta_loss=float(losses.mean()) if used else float("nan"),
-            pairs_used=len(used),
-            pairs_dropped=len(tickets) - len(used),
-            inner_steps=int(sum(r.inner_steps for r in by_pair.values())),
-            stale_results=stale,
-        )
+        stats = TellStats.of(float(losses.mean()) if used else float("nan"), tickets, used, by_pair, stale)
         return unravel(grad), state, stats

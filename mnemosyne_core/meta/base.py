@@ -28,7 +28,7 @@ from mnemosyne_core.meta.noise import TAG_TASK, sub_key
 from mnemosyne_core.meta.protocol import PairResult, Ticket
 from mnemosyne_core.tasks import TaskSpec
 
-__all__ = ["EpisodeSampler", "Estimator", "TellStats", "match_results", "shape_fitness"]
+__all__ = ["EpisodeSampler", "Estimator", "EstimatorBase", "TellStats", "match_results", "shape_fitness"]
 
 
 @dataclasses.dataclass
@@ -41,6 +41,27 @@ class TellStats:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, meta_loss: float, tickets: Sequence[Ticket], used: Sequence[int],
+           by_pair: dict[int, PairResult], stale: int) -> TellStats:
+        """Counts for one generation: ``used`` pairs out of ``tickets``, inner steps of every answer."""
+        return cls(
+            meta_loss=meta_loss,
+            pairs_used=len(used),
+            pairs_dropped=len(tickets) - len(used),
+            inner_steps=int(sum(r.inner_steps for r in by_pair.values())),
+            stale_results=stale,
+        )
+
+
+class EstimatorBase:
+    """What every estimator holds: the meta-config, the run key and the per-pair task sampler."""
+
+    def __init__(self, config: MetaConfig, run_key: Sequence[int], sampler: EpisodeSampler | None = None):
+        self.config = config
+        self.run_key = tuple(int(x) for x in run_key)
+        self.sampler = sampler or EpisodeSampler(config.tasks, config.estimator.truncation)
 
 
 class Estimator(Protocol):

@@ -33,6 +33,7 @@ import numpy as np
 
 from mnemosyne_core.meta.base import (
     EpisodeSampler,
+    EstimatorBase,
     TellStats,
     match_results,
     shape_fitness,
@@ -79,13 +80,11 @@ def es_gradient(run_key: Sequence[int], generation: int, pair_ids: Sequence[int]
     return (noise_sum or weighted_noise_sum)(run_key, [generation] * m, pair_ids, w, dim)
 
 
-class ES:
+class ES(EstimatorBase):
     """Antithetic ES estimator (stateless on the driver: everything derives from the run key)."""
 
     def __init__(self, config: MetaConfig, run_key: Sequence[int], sampler: EpisodeSampler | None = None):
-        self.config = config
-        self.run_key = tuple(int(x) for x in run_key)
-        self.sampler = sampler or EpisodeSampler(config.tasks, config.estimator.truncation)
+        super().__init__(config, run_key, sampler)
         # Σ w_i ε_i; the trainer swaps in an evaluator's distributed version when it has one.
         self.noise_sum: Callable[..., Any] = weighted_noise_sum
 
@@ -110,11 +109,5 @@ class ES:
         est = self.config.estimator
         grad = es_gradient(self.run_key, generation, used, lp, ln, est.sigma, est.shaping, flat.size,
                            noise_sum=self.noise_sum)
-        stats = TellStats(
-            meta_loss=float(np.mean((lp + ln) / 2)) if used else float("nan"),
-            pairs_used=len(used),
-            pairs_dropped=len(tickets) - len(used),
-            inner_steps=int(sum(r.inner_steps for r in by_pair.values())),
-            stale_results=stale,
-        )
+        stats = TellStats.of(float(np.mean((lp + ln) / 2)) if used else float("nan"), tickets, used, by_pair, stale)
         return unravel(grad), state, stats

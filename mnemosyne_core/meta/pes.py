@@ -30,12 +30,11 @@ from typing import Any
 import numpy as np
 
 from mnemosyne_core.meta.base import (
-    EpisodeSampler,
+    EstimatorBase,
     TellStats,
     match_results,
     shape_fitness,
 )
-from mnemosyne_core.meta.config import MetaConfig
 from mnemosyne_core.meta.episodes import EpisodeBook
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.noise import perturbations
@@ -44,13 +43,9 @@ from mnemosyne_core.meta.protocol import PairResult, Ticket
 __all__ = ["PES"]
 
 
-class PES:
+class PES(EstimatorBase):
     """Antithetic PES; state = episode book + accumulators ξ (n_pairs × |θ|, float32)."""
 
-    def __init__(self, config: MetaConfig, run_key: Sequence[int], sampler: EpisodeSampler | None = None):
-        self.config = config
-        self.run_key = tuple(int(x) for x in run_key)
-        self.sampler = sampler or EpisodeSampler(config.tasks, config.estimator.truncation)
 
     def init(self, theta: Any) -> dict[str, Any]:
         n = self.config.estimator.num_pairs
@@ -89,11 +84,5 @@ class PES:
             m = len(used)
             w = ((both[:m] - both[m:]) / (2.0 * m * est.sigma)).astype(np.float32)
             grad = w @ xi[used]
-        stats = TellStats(
-            meta_loss=float(np.mean((lp + ln) / 2)) if used else float("nan"),
-            pairs_used=len(used),
-            pairs_dropped=len(tickets) - len(used),
-            inner_steps=int(sum(r.inner_steps for r in by_pair.values())),
-            stale_results=stale,
-        )
+        stats = TellStats.of(float(np.mean((lp + ln) / 2)) if used else float("nan"), tickets, used, by_pair, stale)
         return unravel(grad), state, stats
