@@ -2,7 +2,8 @@
 # Both create or refresh .venv from the committed uv.lock first.
 SHELL := /bin/bash
 PYTHON ?= python3
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# uv is installed here (with pip) when it is not on PATH.
+UV_BOOTSTRAP := $(CURDIR)/.cache/uv-bootstrap
 VENV := .venv
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
@@ -13,9 +14,11 @@ export PYTHONUNBUFFERED := 1
 .PHONY: venv demo test bench protos lint clean
 
 venv:
-	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --user uv
-	@UV=$$(command -v uv || echo $$HOME/.local/bin/uv); \
-	  $$UV sync --frozen --extra dev --quiet
+	@if command -v uv >/dev/null 2>&1; then UV=uv; else \
+	  UV=$(UV_BOOTSTRAP)/bin/uv; \
+	  [ -x $$UV ] || $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(UV_BOOTSTRAP) uv; \
+	fi; \
+	$$UV sync --frozen --extra dev --quiet
 
 demo: venv
 	$(VENV)/bin/python -m service.demo
