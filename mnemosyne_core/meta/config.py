@@ -36,7 +36,9 @@ __all__ = [
     "load_config",
 ]
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+_SOURCE_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"  # a source checkout
+_PACKAGED_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"  # inside an installed wheel
+CONFIG_DIR = _SOURCE_CONFIGS if _SOURCE_CONFIGS.is_dir() else _PACKAGED_CONFIGS
 
 ESTIMATORS = ("es", "pes", "backprop")
 SHAPINGS = ("centered_rank", "zscore", "none")
