@@ -22,30 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from mnemosyne_core.meta.base import (
-    EstimatorBase,
-    TellStats,
-    match_results,
-)
-from mnemosyne_core.meta.episodes import EpisodeBook
+from mnemosyne_core.meta.base import TellStats, match_results
+from mnemosyne_core.meta.episodes import EpisodeBook, EpisodeEstimator
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.protocol import PairResult, Ticket
 
 __all__ = ["TruncatedBackprop"]
 
 
-class TruncatedBackprop(EstimatorBase):
+class TruncatedBackprop(EpisodeEstimator):
     """Gradient meta-training over persistent truncations; state = the episode book."""
-
 
     def init(self, theta: Any) -> dict[str, Any]:
         return {"book": EpisodeBook.fresh(self.config.estimator.num_pairs), "started": False}
-
-    def ask(self, state: dict[str, Any], generation: int) -> tuple[list[Ticket], dict[str, Any]]:
-        tickets = state["book"].tickets(generation, self.sampler, self.run_key, self.config.estimator.truncation,
-                                        first=not state["started"])
-        state["started"] = True
-        return tickets, state
 
     def tell(self, state: dict[str, Any], tickets: Sequence[Ticket], results: Sequence[PairResult],
              theta: Any) -> tuple[Any, dict[str, Any], TellStats]:

@@ -29,12 +29,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnemosyne_core.meta.base import EpisodeSampler
+from mnemosyne_core.meta.base import EpisodeSampler, EstimatorBase
 from mnemosyne_core.meta.noise import sub_key
 from mnemosyne_core.meta.protocol import PairResult, Status, Ticket
 from mnemosyne_core.tasks import TaskSpec
 
-__all__ = ["EpisodeBook"]
+__all__ = ["EpisodeBook", "EpisodeEstimator"]
 
 _TAG_OFFSET = 7
 
@@ -110,3 +110,17 @@ class EpisodeBook:
 
     def __len__(self) -> int:
         return len(self.spec)
+
+
+class EpisodeEstimator(EstimatorBase):
+    """An estimator over persistent truncated episodes (PES, truncated backprop).
+
+    Its state holds an :class:`EpisodeBook` under ``"book"`` and a ``"started"`` flag; ``ask`` hands
+    out each pair's next truncation (the first call staggers the episodes' starting offsets).
+    """
+
+    def ask(self, state: dict[str, Any], generation: int) -> tuple[list[Ticket], dict[str, Any]]:
+        tickets = state["book"].tickets(generation, self.sampler, self.run_key, self.config.estimator.truncation,
+                                        first=not state["started"])
+        state["started"] = True
+        return tickets, state

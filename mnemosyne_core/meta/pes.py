@@ -30,12 +30,11 @@ from typing import Any
 import numpy as np
 
 from mnemosyne_core.meta.base import (
-    EstimatorBase,
     TellStats,
     match_results,
     shape_fitness,
 )
-from mnemosyne_core.meta.episodes import EpisodeBook
+from mnemosyne_core.meta.episodes import EpisodeBook, EpisodeEstimator
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.noise import perturbations
 from mnemosyne_core.meta.protocol import PairResult, Ticket
@@ -43,20 +42,13 @@ from mnemosyne_core.meta.protocol import PairResult, Ticket
 __all__ = ["PES"]
 
 
-class PES(EstimatorBase):
+class PES(EpisodeEstimator):
     """Antithetic PES; state = episode book + accumulators ξ (n_pairs × |θ|, float32)."""
-
 
     def init(self, theta: Any) -> dict[str, Any]:
         n = self.config.estimator.num_pairs
         dim = int(LearnedOptimizer.ravel(theta)[0].size)
         return {"book": EpisodeBook.fresh(n), "xi": np.zeros((n, dim), np.float32), "started": False}
-
-    def ask(self, state: dict[str, Any], generation: int) -> tuple[list[Ticket], dict[str, Any]]:
-        tickets = state["book"].tickets(generation, self.sampler, self.run_key, self.config.estimator.truncation,
-                                        first=not state["started"])
-        state["started"] = True
-        return tickets, state
 
     def tell(self, state: dict[str, Any], tickets: Sequence[Ticket], results: Sequence[PairResult],
              theta: Any) -> tuple[Any, dict[str, Any], TellStats]:
