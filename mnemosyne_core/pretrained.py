@@ -27,7 +27,7 @@ from typing import Any
 
 import optax
 
-__all__ = ["PRETRAINED_DIR", "PretrainedError", "available", "pretrained", "pretrained_theta"]
+__all__ = ["PRETRAINED_DIR", "PretrainedError", "available", "load_optimizer", "pretrained", "pretrained_theta"]
 
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
 
@@ -58,6 +58,27 @@ def pretrained_theta(name: str = "default") -> tuple[Any, Any, dict[str, Any]]:
     from mnemosyne_core import checkpoint
 
     return checkpoint.load(_path(name))
+
+
+def load_optimizer(spec: str) -> tuple[Any, Any, dict[str, Any]]:
+    """``(theta, config, metadata)`` from a checkpoint path, a ``grpc://``/``grpcs://`` URI or a shipped name.
+
+    A spec that is a URI, an existing path or has a file suffix is read with
+    :func:`mnemosyne_core.checkpoint.load` (``FileNotFoundError``/``CheckpointError``);
+    anything else names a shipped optimizer (``PretrainedError``). ``metadata["source"]``
+    says where it came from (the spec, or ``pretrained:NAME``) unless the checkpoint set it.
+    """
+    from mnemosyne_core import checkpoint
+
+    if spec.startswith(("grpc://", "grpcs://")) or pathlib.Path(spec).suffix or pathlib.Path(spec).exists():
+        theta, config, meta = checkpoint.load(spec)
+        source = spec
+    else:
+        theta, config, meta = pretrained_theta(spec)
+        source = f"pretrained:{spec}"
+    meta = dict(meta or {})
+    meta.setdefault("source", source)
+    return theta, config, meta
 
 
 def pretrained(name: str = "default") -> optax.GradientTransformationExtraArgs:

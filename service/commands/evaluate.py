@@ -38,24 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_optimizer(spec: str, label: str) -> tuple[Any, dict]:
     """A :class:`service.evaluation.Learned` from a path, URI or shipped name, plus its metadata."""
+    from mnemosyne_core.pretrained import PretrainedError
+    from mnemosyne_core.pretrained import load_optimizer as load_learned
     from service.evaluation import Learned
 
-    if spec.startswith("grpc://") or pathlib.Path(spec).suffix or pathlib.Path(spec).exists():
-        from mnemosyne_core import checkpoint
-
-        try:
-            theta, config, meta = checkpoint.load(spec)
-        except FileNotFoundError as exc:
-            raise CLIError(f"optimizer {spec!r}: no such file", 2) from exc
-        except Exception as exc:
-            raise CLIError(f"optimizer {spec!r}: {type(exc).__name__}: {exc}", 2) from exc
-    else:
-        from mnemosyne_core.pretrained import PretrainedError, pretrained_theta
-
-        try:
-            theta, config, meta = pretrained_theta(spec)
-        except PretrainedError as exc:
-            raise CLIError(str(exc), 2) from exc
+    try:
+        theta, config, meta = load_learned(spec)
+    except FileNotFoundError as exc:
+        raise CLIError(f"optimizer {spec!r}: no such file", 2) from exc
+    except PretrainedError as exc:
+        raise CLIError(str(exc), 2) from exc
+    except Exception as exc:
+        raise CLIError(f"optimizer {spec!r}: {type(exc).__name__}: {exc}", 2) from exc
     return Learned(label, theta, config), dict(meta or {})
 
 

@@ -86,27 +86,16 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def _load_init(spec: str) -> tuple[Any, Any, dict]:
-    if spec.startswith("grpc://") or pathlib.Path(spec).suffix or pathlib.Path(spec).exists():
-        from mnemosyne_core import checkpoint
-
-        try:
-            theta, cfg, meta = checkpoint.load(spec)
-        except FileNotFoundError as exc:
-            raise CLIError(f"--init-from: {exc}", 2) from exc
-        except Exception as exc:
-            raise CLIError(f"--init-from {spec}: {type(exc).__name__}: {exc}", 2) from exc
-        meta = dict(meta or {})
-        meta.setdefault("source", spec)
-        return theta, cfg, meta
-    from mnemosyne_core.pretrained import PretrainedError, pretrained_theta
+    from mnemosyne_core.pretrained import PretrainedError, load_optimizer
 
     try:
-        theta, cfg, meta = pretrained_theta(spec)
+        return load_optimizer(spec)
+    except FileNotFoundError as exc:
+        raise CLIError(f"--init-from: {exc}", 2) from exc
     except PretrainedError as exc:
         raise CLIError(f"--init-from: {exc}", 2) from exc
-    meta = dict(meta or {})
-    meta.setdefault("source", f"pretrained:{spec}")
-    return theta, cfg, meta
+    except Exception as exc:
+        raise CLIError(f"--init-from {spec}: {type(exc).__name__}: {exc}", 2) from exc
 
 
 class _Publisher:
