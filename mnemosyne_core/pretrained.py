@@ -89,5 +89,4 @@ def pretrained(name: str = "default") -> optax.GradientTransformationExtraArgs:
     from mnemosyne_core.meta.learned import LearnedOptimizer
 
     theta, config, _ = pretrained_theta(name)
-    kind = "lstm" if type(config).__name__.startswith("LSTM") else "mnemosyne"
-    return LearnedOptimizer(kind, config).transform(theta)
+    return LearnedOptimizer.for_config(config).transform(theta)

@@ -75,8 +75,7 @@ class Learned:
     def transform(self) -> optax.GradientTransformationExtraArgs:
         from mnemosyne_core.meta.learned import LearnedOptimizer
 
-        kind = "lstm" if type(self.config).__name__.startswith("LSTM") else "mnemosyne"
-        return LearnedOptimizer(kind, self.config).transform(self.theta)
+        return LearnedOptimizer.for_config(self.config).transform(self.theta)
 
 
 def _curves(task: Any, make_tx: Callable[[jax.Array], Any], hparams: jax.Array, seeds: int, chunk: int,

@@ -53,6 +53,20 @@ class LearnedOptimizer:
             config = cfg_cls.from_dict(dict(config or {}))
         return cls(kind, config)
 
+    @staticmethod
+    def kind_of(config: Any) -> str:
+        """The kind whose config class ``config`` is (``ValueError`` for anything else)."""
+        for kind, (mod, cfg_name, _, _) in KINDS.items():
+            if type(config).__name__ == cfg_name and isinstance(
+                    config, getattr(importlib.import_module(mod), cfg_name)):
+                return kind
+        raise ValueError(f"config type {type(config).__name__} is not a learned optimizer ({', '.join(sorted(KINDS))})")
+
+    @classmethod
+    def for_config(cls, config: Any) -> LearnedOptimizer:
+        """The learned optimizer that runs a checkpoint's config (Mnemosyne or LSTM)."""
+        return cls(cls.kind_of(config), config)
+
     def _fn(self, index: int) -> Callable[..., Any]:
         mod = KINDS[self.kind][0]
         return getattr(importlib.import_module(mod), KINDS[self.kind][index])

@@ -151,7 +151,7 @@ class MetaTrainer:
         self.parent: dict[str, Any] = {}
         if init is not None:  # meta-fine-tuning: the architecture comes from the parent checkpoint
             _, opt_config, meta = init
-            kind = "lstm" if type(opt_config).__name__.startswith("LSTM") else "mnemosyne"
+            kind = LearnedOptimizer.kind_of(opt_config)
             from mnemosyne_core.meta.config import OptimizerSection, _freeze
 
             self.config = self.config.replace(optimizer=OptimizerSection(kind, _freeze(opt_config.to_dict())))

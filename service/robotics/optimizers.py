@@ -67,14 +67,12 @@ def learned_transform(theta: Any, config: Any, spec: str = "checkpoint") -> opta
 
 
 def _kind_of(config: Any, spec: str) -> str:
-    from mnemosyne_core.meta.learned import KINDS
+    from mnemosyne_core.meta.learned import LearnedOptimizer
 
-    for kind, (_, cfg_name, _, _) in KINDS.items():
-        if type(config).__name__ == cfg_name:
-            return kind
-    raise OptimizerSpecError(
-        f"optimizer {spec!r} is incompatible: config type {type(config).__name__} is not a learned "
-        f"optimizer ({', '.join(sorted(KINDS))})")
+    try:
+        return LearnedOptimizer.kind_of(config)
+    except ValueError as exc:
+        raise OptimizerSpecError(f"optimizer {spec!r} is incompatible: {exc}") from exc
 
 
 def _load_checkpoint(spec: str) -> tuple[Any, Any, Any]:
