@@ -30,12 +30,12 @@ LISTEN_RE = re.compile(r"listening on (grpcs?://\S+)")
 def start_registry(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     """Start ``mnemosyne registry serve`` on port 0 and return (process, grpc://host:port)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "registry", "serve", "--data", str(data_dir),
-         "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=log, text=True,
-    )
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "registry", "serve", "--data", str(data_dir),
+             "--host", "127.0.0.1", "--port", "0"],
+            stdout=subprocess.PIPE, stderr=log, text=True,
+        )
     deadline = time.monotonic() + 60
     assert proc.stdout is not None
     while time.monotonic() < deadline:
