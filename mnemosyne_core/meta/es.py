@@ -32,13 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnemosyne_core.meta.base import (
-    EpisodeSampler,
     EstimatorBase,
     TellStats,
     match_results,
     shape_fitness,
 )
-from mnemosyne_core.meta.config import MetaConfig
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.noise import perturbations
 from mnemosyne_core.meta.protocol import PairResult, Ticket
@@ -83,10 +81,8 @@ def es_gradient(run_key: Sequence[int], generation: int, pair_ids: Sequence[int]
 class ES(EstimatorBase):
     """Antithetic ES estimator (stateless on the driver: everything derives from the run key)."""
 
-    def __init__(self, config: MetaConfig, run_key: Sequence[int], sampler: EpisodeSampler | None = None):
-        super().__init__(config, run_key, sampler)
-        # Σ w_i ε_i; the trainer swaps in an evaluator's distributed version when it has one.
-        self.noise_sum: Callable[..., Any] = weighted_noise_sum
+    # Σ w_i ε_i; the trainer sets an evaluator's distributed version on the instance when it has one.
+    noise_sum: Callable[..., Any] = staticmethod(weighted_noise_sum)
 
     def init(self, theta: Any) -> dict[str, Any]:
         return {}
