@@ -53,6 +53,7 @@ __all__ = [
     "coordinate_cam",
     "init_coordinate_theta",
     "init_tensor_memory",
+    "hypergradient_log_lr",
     "init_tensor_theta",
     "inverse_softplus",
     "pool_leaf",
@@ -102,8 +103,15 @@ def init_tensor_theta(
     head_hidden: int,
     extra_ctx: int,
     init_discount: float,
+    hypergradient: bool = False,
 ) -> dict:
-    """θ of the ``tensor`` variant: HPE, CAM projections + τ, per-coordinate head."""
+    """θ of the ``tensor`` variant: HPE, CAM projections + τ, per-coordinate head.
+
+    With ``hypergradient``, θ also holds ``hd``: the log of the meta-learned
+    factor on the hypergradient rate κ₀ and a per-step drift of the log step
+    size (a learned schedule term) and an offset of its initial value, all zero
+    at initialisation.
+    """
     k_hpe, k_cam, k_ctx, k_w1 = jax.random.split(key, 4)
     ctx_in = value_width + width + extra_ctx
     ctx = _dense(k_ctx, ctx_in, head_hidden)
@@ -117,11 +125,14 @@ def init_tensor_theta(
         "w_s": jnp.zeros((ctx_in,), jnp.float32),
         "b_s": jnp.zeros((), jnp.float32),
     }
-    return {
+    theta = {
         "hpe": init_hpe(k_hpe, num_pool, width, hpe_hidden),
         "cam": _cam_params(k_cam, width, width, value_width, init_discount),
         "head": head,
     }
+    if hypergradient:
+        theta["hd"] = {name: jnp.zeros((), jnp.float32) for name in ("log_kappa", "drift", "log_lr0")}
+    return theta
 
 
 def init_coordinate_theta(
@@ -151,15 +162,39 @@ class TensorMemory(NamedTuple):
 
     cam: CAMState
     token_moments: jax.Array
+    log_lr: jax.Array  # (L,) per-tensor log step size relative to α (hypergradient; else 0)
 
 
 def init_tensor_memory(
-    num_leaves: int, num_chunks: int, tokens_per_chunk: int, num_features: int, value_width: int
+    num_leaves: int, num_chunks: int, tokens_per_chunk: int, num_features: int, value_width: int,
+    log_lr: jax.Array | float = 0.0,
 ) -> TensorMemory:
     return TensorMemory(
         cam=cam_init((num_leaves * num_chunks,), num_features, value_width),
         token_moments=jnp.zeros((num_leaves, num_chunks, tokens_per_chunk, 3), jnp.float32),
+        log_lr=jnp.full((num_leaves,), log_lr, jnp.float32),
     )
+
+
+# Per-step drift of the log step size per unit of θ["hd"]["drift"]: ES perturbs θ
+# by σ ≈ 0.02, which must move a 200-step schedule visibly (0.02·0.01·200 = 4 %).
+DRIFT_SCALE = 0.01
+
+
+def hypergradient_log_lr(hd: dict, log_lr: jax.Array, sums: jax.Array, *, rate: float,
+                         bounds: tuple[float, float]) -> jax.Array:
+    """Next per-tensor log step size from this step's ``sums (L, 3)`` = (g·u, g·g, u·u).
+
+    u is the previous step's direction m̂ₜ₋₁/√v̂ (before this step's update), so
+    g·u = −∂L/∂log αₜ₋₁ up to the positive step size: hypergradient descent on
+    log α (Baydin et al., 2018), normalised to a cosine so that the rate is
+    scale-free. A first step (u = 0) has cosine 0.
+    """
+    dot, gg, uu = sums[:, 0], sums[:, 1], sums[:, 2]
+    cos = dot * jax.lax.rsqrt(jnp.maximum(gg * uu, 1e-30))
+    cos = jnp.where(gg * uu > 0, jnp.clip(cos, -1.0, 1.0), 0.0)
+    step = rate * jnp.exp(hd["log_kappa"]) * cos + DRIFT_SCALE * hd["drift"]
+    return jnp.clip(log_lr + step, bounds[0], bounds[1])
 
 
 def pool_leaf(g: jax.Array, layout: ChunkLayout) -> tuple[jax.Array, jax.Array]:
@@ -236,7 +271,8 @@ def tensor_context(
     features = jnp.concatenate(ctx_in, axis=-1)
     ctx = features @ head["ctx_w"] + head["ctx_b"]
     gain = jnp.exp(magnitude_scale * (features @ head["w_s"] + head["b_s"]))
-    return ctx.reshape(num_leaves, b, -1), gain.reshape(num_leaves, b), TensorMemory(cam_state, moments), finite
+    gain = gain.reshape(num_leaves, b) * jnp.exp(memory.log_lr)[:, None]
+    return ctx.reshape(num_leaves, b, -1), gain, TensorMemory(cam_state, moments, memory.log_lr), finite
 
 
 def tensor_head(
@@ -252,7 +288,8 @@ def tensor_head(
     *,
     bias_corrections: tuple[jax.Array, jax.Array, jax.Array],
     eps: float,
-) -> jax.Array:
+    m1_old: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
     """Per-coordinate MLP of one tensor → direction ``d·exp(β·s)`` (same shape as ``g``).
 
     Runs on the ``(b, T·P)`` chunk view so each chunk's context ``ctx (b, H)``
@@ -260,6 +297,10 @@ def tensor_head(
     elementwise multiply-adds (one fused loop; no ``stack(...) @ W``; ReLU; no
     transcendental beyond Adam's square root). With the zero-initialised output
     weights, ``d`` is Adam's ``m̂/(√v̂+ε)`` and the gain is 1.
+
+    Returns ``(direction, sums)``; with ``m1_old`` (the first moment before this
+    step) ``sums`` is ``(g·u, g·g, u·u)`` over the tensor, u = m1_old/(√v̂+ε),
+    for :func:`hypergradient_log_lr` (reductions in the same pass), else None.
     """
     shape = g.shape
     c1, c2, cv = bias_corrections
@@ -279,7 +320,12 @@ def tensor_head(
         for i, f in enumerate(coord):
             pre = pre + w1[i, j] * f
         d = d + w_d[j] * jnp.maximum(pre, 0.0)
-    return from_chunks(d * gain[:, None], layout, shape)
+    sums = None
+    if m1_old is not None:
+        # Padding in the chunk view is zero in g, so it adds nothing to the sums.
+        gv, u = view(g), view(m1_old) * inv
+        sums = jnp.stack([jnp.sum(gv * u), jnp.sum(gv * gv), jnp.sum(u * u)])
+    return from_chunks(d * gain[:, None], layout, shape), sums
 
 
 def preprocess(x: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:

@@ -39,6 +39,7 @@ from mnemosyne_core.head import (
     coordinate_cam,
     init_coordinate_theta,
     init_tensor_memory,
+    hypergradient_log_lr,
     init_tensor_theta,
     pool_leaf,
     preprocess,
@@ -101,6 +102,7 @@ def init_theta(key: jax.Array, config: MnemosyneConfig) -> dict:
             head_hidden=config.head_hidden,
             extra_ctx=1 if config.use_loss_feature else 0,
             init_discount=config.init_discount,
+            hypergradient=config.hypergradient,
         )
     return init_coordinate_theta(
         key,
@@ -192,8 +194,12 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
         moments = {name: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
                    for name in _moment_names(config)}
         if config.variant == "tensor":
+            log_lr0 = 0.0
+            if config.hypergradient:
+                log_lr0 = jnp.clip(config.init_log_lr + theta["hd"]["log_lr0"], config.min_log_lr,
+                                   config.max_log_lr)
             memory = init_tensor_memory(len(leaves), config.num_meta_tokens, config.tokens_per_chunk,
-                                        config.num_features, config.value_width)
+                                        config.num_features, config.value_width, log_lr0)
         else:
             memory = tuple(cam_init_feature_major(tuple(jnp.shape(leaf)), config.coord_num_features,
                                                   config.coord_value_width) for leaf in leaves)
@@ -273,6 +279,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
             else:
                 new_memory = state.memory
             new_moments = {"m1": [], "m2": [], "v": []}
+            hd_sums = []
             for i, g in enumerate(g32s):
                 m1 = keep(b1 * moments["m1"][i] + (1 - b1) * g, moments["m1"][i])
                 m2 = keep(b2 * moments["m2"][i] + (1 - b2) * g, moments["m2"][i])
@@ -280,10 +287,23 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                 new_moments["m1"].append(m1)
                 new_moments["m2"].append(m2)
                 new_moments["v"].append(v)
-                directions.append(tensor_head(
-                    theta_s["head"], ctx[i], gain[i], g, m1, m2, v, params32[i], layouts[i],
-                    bias_corrections=corr, eps=config.eps,
-                ) if g.size else jnp.zeros_like(g))
+                if g.size:
+                    direction, sums = tensor_head(
+                        theta_s["head"], ctx[i], gain[i], g, m1, m2, v, params32[i], layouts[i],
+                        bias_corrections=corr, eps=config.eps,
+                        m1_old=moments["m1"][i] if config.hypergradient else None,
+                    )
+                else:
+                    direction, sums = jnp.zeros_like(g), jnp.zeros((3,), jnp.float32)
+                directions.append(direction)
+                hd_sums.append(sums)
+            if config.hypergradient and pooled:
+                # The step size this step used was set by the previous steps' sums;
+                # this step's sums set the next one (one step late, no second pass).
+                log_lr = hypergradient_log_lr(
+                    theta_s["hd"], state.memory.log_lr, jnp.stack(hd_sums), rate=config.hypergradient_rate,
+                    bounds=(config.min_log_lr, config.max_log_lr))
+                new_memory = new_memory._replace(log_lr=jnp.where(ok, log_lr, state.memory.log_lr))
         else:
             new_moments = {"m1": [], "v": []}
             memories = []

@@ -76,12 +76,12 @@ def _hand_designed(name: str, make: Callable[[], optax.GradientTransformation]) 
     return OptimizerEntry(name=name, learned=False, init_theta=None, build=build)
 
 
-def _mnemosyne_entry(variant: str) -> OptimizerEntry:
+def _mnemosyne_entry(name: str, **options: Any) -> OptimizerEntry:
     # Imported lazily: the Performer optimizer is a heavier module than the registry.
     def make_config():
         from mnemosyne_core.mnemosyne import MnemosyneConfig
 
-        return MnemosyneConfig(variant=variant)
+        return MnemosyneConfig(**options)
 
     def init(key: jax.Array) -> Any:
         from mnemosyne_core.mnemosyne import init_theta
@@ -93,7 +93,7 @@ def _mnemosyne_entry(variant: str) -> OptimizerEntry:
 
         return mnemosyne(theta, make_config())
 
-    return OptimizerEntry(name=f"mnemosyne_{variant}", learned=True, init_theta=init, build=build,
+    return OptimizerEntry(name=name, learned=True, init_theta=init, build=build,
                           make_config=make_config)
 
 
@@ -109,8 +109,10 @@ def _lstm_entry() -> OptimizerEntry:
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "mnemosyne_tensor": _mnemosyne_entry("tensor"),
-    "mnemosyne_coordinate": _mnemosyne_entry("coordinate"),
+    "mnemosyne_tensor": _mnemosyne_entry("mnemosyne_tensor", variant="tensor"),
+    # The shipped optimizer's kind: per-tensor hypergradient step sizes on top.
+    "mnemosyne_tensor_hd": _mnemosyne_entry("mnemosyne_tensor_hd", variant="tensor", hypergradient=True),
+    "mnemosyne_coordinate": _mnemosyne_entry("mnemosyne_coordinate", variant="coordinate"),
     "lstm": _lstm_entry(),
     "adam": _hand_designed("adam", lambda: optax.adam(1e-3)),
     "sgd_momentum": _hand_designed("sgd_momentum", lambda: optax.sgd(1e-2, momentum=0.9)),

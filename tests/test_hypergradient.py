@@ -1,0 +1,161 @@
+"""Per-tensor hypergradient step sizes of the ``tensor`` variant (``hypergradient=True``)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mnemosyne_core.head import DRIFT_SCALE
+from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta, mnemosyne
+
+HD = MnemosyneConfig(hypergradient=True, learning_rate=3e-3, hypergradient_rate=0.2, init_log_lr=-0.5,
+                     min_log_lr=-3.0, max_log_lr=1.0)
+
+
+def _reference(config, grads_seq, log_kappa=0.0, drift=0.0, log_lr0=0.0):
+    """Adam with a per-tensor log step size that follows the cosine between the new
+    gradient and the previous direction (one step late), written out in numpy."""
+    b1, bv, eps = config.beta1, config.beta_v, config.eps
+    names = sorted(grads_seq[0])
+    m = {k: np.zeros_like(grads_seq[0][k], np.float64) for k in names}
+    v = {k: np.zeros_like(grads_seq[0][k], np.float64) for k in names}
+    log_lr = {k: float(np.clip(config.init_log_lr + log_lr0, config.min_log_lr, config.max_log_lr)) for k in names}
+    updates, log_lrs = [], []
+    for t, grads in enumerate(grads_seq, start=1):
+        c1, cv = 1 / (1 - b1 ** t), 1 / (1 - bv ** t)
+        step_updates = {}
+        for k in names:
+            g = np.asarray(grads[k], np.float64)
+            m_old = m[k]
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = bv * v[k] + (1 - bv) * g * g
+            inv = 1 / (np.sqrt(v[k] * cv) + eps)
+            step_updates[k] = -config.learning_rate * math.exp(log_lr[k]) * m[k] * c1 * inv
+            u = m_old * inv
+            gg, uu = float(np.sum(g * g)), float(np.sum(u * u))
+            cos = float(np.sum(g * u)) / math.sqrt(gg * uu) if gg * uu > 0 else 0.0
+            inc = config.hypergradient_rate * math.exp(log_kappa) * cos + DRIFT_SCALE * drift
+            log_lr[k] = float(np.clip(log_lr[k] + inc, config.min_log_lr, config.max_log_lr))
+        updates.append(step_updates)
+        log_lrs.append(dict(log_lr))
+    return updates, log_lrs
+
+
+def _grads_seq(steps, seed=0):
+    # A drifting mean plus noise: cosines of both signs, not all at the bounds.
+    out = []
+    for t in range(steps):
+        k1, k2 = jax.random.split(jax.random.key(seed * 1000 + t))
+        out.append({"w": np.asarray(0.3 * (-1) ** (t // 3) + jax.random.normal(k1, (5, 7))),
+                    "b": np.asarray(jax.random.normal(k2, (7,)))})
+    return out
+
+
+@pytest.mark.parametrize("hd_values", [(0.0, 0.0, 0.0), (math.log(2.0), 1.5, 0.3)])
+def test_matches_numpy_reference(hd_values):
+    log_kappa, drift, log_lr0 = hd_values
+    theta = init_theta(jax.random.key(0), HD)
+    theta["hd"] = {"log_kappa": jnp.float32(log_kappa), "drift": jnp.float32(drift), "log_lr0": jnp.float32(log_lr0)}
+    tx = mnemosyne(theta, HD)
+    params = {"w": jnp.zeros((5, 7)), "b": jnp.zeros(7)}
+    state = tx.init(params)
+    seq = _grads_seq(12)
+    ref_updates, ref_log_lrs = _reference(HD, seq, log_kappa, drift, log_lr0)
+    update = jax.jit(tx.update)
+    for grads, ref_u, ref_ll in zip(seq, ref_updates, ref_log_lrs):
+        u, state = update({k: jnp.asarray(x, jnp.float32) for k, x in grads.items()}, state, params)
+        for k in ("w", "b"):
+            np.testing.assert_allclose(np.asarray(u[k]), ref_u[k], rtol=2e-4, atol=1e-9)
+        # Leaves are flattened in sorted key order: "b", "w".
+        np.testing.assert_allclose(np.asarray(state.memory.log_lr), [ref_ll["b"], ref_ll["w"]], atol=2e-5)
+
+
+def test_step_size_grows_downhill_and_shrinks_when_oscillating():
+    config = dataclasses.replace(HD, init_log_lr=0.0)
+
+    def log_lr_after(grad_of_step, steps=30):
+        tx = mnemosyne(init_theta(jax.random.key(0), config), config)
+        params = {"x": jnp.zeros(4)}
+        state, update, trace = tx.init(params), jax.jit(tx.update), []
+        for t in range(steps):
+            _, state = update({"x": grad_of_step(t)}, state, params)
+            trace.append(float(state.memory.log_lr[0]))
+        return trace
+
+    # Every gradient agrees with the last direction (a long slope): the step size
+    # climbs, by the full rate per step, to its upper bound.
+    up = log_lr_after(lambda t: jnp.full(4, 1.0))
+    assert up[1] == pytest.approx(config.hypergradient_rate, rel=1e-5)
+    assert up[-1] == pytest.approx(config.max_log_lr)
+    # The sign flips every step (overshooting a valley): it falls to the lower bound.
+    down = log_lr_after(lambda t: jnp.full(4, (-1.0) ** t))
+    assert down[2] < down[1] < 0.0
+    assert down[-1] == pytest.approx(config.min_log_lr)
+    # On a quadratic with far too large a step the run stays finite and the step shrinks.
+    tx = mnemosyne(init_theta(jax.random.key(0), dataclasses.replace(config, learning_rate=1.0)),
+                   dataclasses.replace(config, learning_rate=1.0))
+    params = {"x": jnp.zeros(4)}
+    state = tx.init(params)
+    for _ in range(60):
+        g = jax.grad(lambda p: jnp.sum((p["x"] - 0.01) ** 2))(params)
+        u, state = jax.jit(tx.update)(g, state, params)
+        params = optax.apply_updates(params, u)
+    assert float(state.memory.log_lr[0]) < 0.0
+    assert np.all(np.isfinite(np.asarray(params["x"])))
+
+
+def test_off_by_default_and_theta_layout():
+    plain = MnemosyneConfig()
+    assert "hd" not in init_theta(jax.random.key(0), plain)
+    theta = init_theta(jax.random.key(0), HD)
+    assert sorted(theta["hd"]) == ["drift", "log_kappa", "log_lr0"]
+    assert all(float(x) == 0.0 for x in theta["hd"].values())  # learned corrections start at zero
+    tx = mnemosyne(init_theta(jax.random.key(0), plain), plain)
+    params = {"w": jnp.ones((3, 4))}
+    state = tx.init(params)
+    for i in range(3):
+        state = tx.update({"w": jnp.full((3, 4), (-1.0) ** i)}, state, params)[1]
+    np.testing.assert_array_equal(np.asarray(state.memory.log_lr), [0.0])
+
+
+def test_first_step_is_adam_at_the_initial_step_size():
+    tx = mnemosyne(init_theta(jax.random.key(0), HD), HD)
+    params = {"w": jnp.ones((3, 4))}
+    u, _ = tx.update({"w": jnp.full((3, 4), 2.0)}, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(u["w"]), -HD.learning_rate * math.exp(HD.init_log_lr), rtol=1e-5)
+
+
+def test_non_finite_gradient_leaves_the_step_size_alone():
+    tx = mnemosyne(init_theta(jax.random.key(0), HD), HD)
+    params = {"w": jnp.ones((3, 4))}
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update({"w": jnp.ones((3, 4))}, state, params)
+    bad = jnp.ones((3, 4)).at[1, 2].set(jnp.nan)
+    u, after = tx.update({"w": bad}, state, params)
+    np.testing.assert_array_equal(np.asarray(after.memory.log_lr), np.asarray(state.memory.log_lr))
+    assert float(jnp.max(jnp.abs(u["w"]))) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"variant": "coordinate", "hypergradient": True}, "tensor"),
+    ({"hypergradient": True, "hypergradient_rate": -0.1}, "hypergradient_rate"),
+    ({"hypergradient": True, "init_log_lr": 5.0}, "init_log_lr"),
+    ({"hypergradient": True, "min_log_lr": float("nan")}, "min_log_lr"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MnemosyneConfig(**kwargs)
+
+
+def test_config_without_the_new_fields_still_loads():
+    # Checkpoints written before hypergradient existed have no such keys.
+    d = MnemosyneConfig().to_dict()
+    for key in ("hypergradient", "hypergradient_rate", "init_log_lr", "min_log_lr", "max_log_lr"):
+        d.pop(key)
+    assert MnemosyneConfig.from_dict(d) == MnemosyneConfig()
