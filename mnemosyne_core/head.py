@@ -208,16 +208,28 @@ def pool_leaf(g: jax.Array, layout: ChunkLayout) -> tuple[jax.Array, jax.Array]:
     return pool_tokens([g, g * g], layout)
 
 
-def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: float) -> jax.Array:
-    """Scale-free token statistics (tiny arrays: the nonlinearities are free here)."""
+def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: float,
+                    log_lr: jax.Array | None = None) -> jax.Array:
+    """Token statistics (tiny arrays: the nonlinearities are free here).
+
+    The first three are invariant to the gradient's scale. The fourth is the
+    tensor's hypergradient log step size when there is one (also scale-free);
+    otherwise the log gradient scale — a feature that lets a rule meta-trained
+    on small networks mistake a wide network's smaller gradients for a cue to
+    take larger steps, which is why the hypergradient variant drops it.
+    """
     c1, c2, cv = corr
     g, gsq = means[..., 0], means[..., 1]
     rms = jnp.sqrt(jnp.maximum(moments[..., 2] * cv, 0.0)) + eps
+    if log_lr is None:
+        fourth = 0.1 * jnp.log(rms)  # gradient scale (log; /10 keeps it O(1))
+    else:
+        fourth = jnp.broadcast_to(log_lr[:, None, None], rms.shape)
     feats = [
         moments[..., 0] * c1 / rms,  # token mean of m̂1, in units of the RMS gradient
         moments[..., 1] * c2 / rms,  # same for the slow momentum
         g * jax.lax.rsqrt(gsq + 1e-30),  # gradient coherence inside the token, in [-1, 1]
-        0.1 * jnp.log(rms),  # gradient scale (log; /10 keeps it O(1))
+        fourth,
     ]
     return jnp.stack(feats, axis=-1)
 
@@ -235,6 +247,7 @@ def tensor_context(
     eps: float,
     magnitude_scale: float = 1.0,
     global_ctx: jax.Array | None = None,
+    scale_free: bool = False,
 ) -> tuple[jax.Array, jax.Array, TensorMemory, jax.Array]:
     """HPE → CAM → per-chunk head context and step-size gain for all tensors at once.
 
@@ -254,7 +267,7 @@ def tensor_context(
         [b1 * old[..., 0] + (1 - b1) * g, b2 * old[..., 1] + (1 - b2) * g, bv * old[..., 2] + (1 - bv) * gsq],
         axis=-1,
     )
-    tokens = _token_features(means, moments, bias_corrections, eps)
+    tokens = _token_features(means, moments, bias_corrections, eps, memory.log_lr if scale_free else None)
     # Spatial encoder: chunked bidirectional Performer + pooling → b meta-tokens per tensor.
     meta = encode(theta["hpe"], tokens.reshape(num_leaves * b, t, -1), mask.reshape(num_leaves * b, t), omega_hpe)
     # Temporal encoder: one CAM stream per meta-token (Eqs. 2, 4, 5).

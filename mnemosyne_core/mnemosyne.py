@@ -273,6 +273,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                     theta_s, means, jnp.stack([k for _, k in pooled]), state.memory, omega_hpe, omega_cam,
                     betas=(b1, b2, bv), bias_corrections=corr, eps=config.eps,
                     magnitude_scale=config.magnitude_scale, global_ctx=global_ctx,
+                    scale_free=config.hypergradient,
                 )
                 ok = ok & finite
                 new_memory = keep(memory, state.memory)

@@ -159,3 +159,26 @@ def test_config_without_the_new_fields_still_loads():
     for key in ("hypergradient", "hypergradient_rate", "init_log_lr", "min_log_lr", "max_log_lr"):
         d.pop(key)
     assert MnemosyneConfig.from_dict(d) == MnemosyneConfig()
+
+
+def test_updates_do_not_depend_on_the_gradient_scale():
+    # Adam's direction is scale-free, and with hypergradient=True so are all the
+    # HPE/CAM token features: a rule meta-trained on small networks cannot read a
+    # wide network's smaller gradients as a cue. Checked with a θ whose learned
+    # parts are all active (perturbed), over several steps.
+    config = dataclasses.replace(HD, use_param_feature=False)
+    theta = init_theta(jax.random.key(0), config)
+    leaves, treedef = jax.tree.flatten(theta)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    theta = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    tx = mnemosyne(theta, config)
+    params = {"w": jnp.zeros((6, 9)), "b": jnp.zeros(9)}
+    update = jax.jit(tx.update)
+    s1 = s2 = tx.init(params)
+    for t in range(6):
+        g = {"w": jax.random.normal(jax.random.key(10 + t), (6, 9)), "b": jax.random.normal(jax.random.key(20 + t), (9,))}
+        u1, s1 = update(g, s1, params)
+        u2, s2 = update(jax.tree.map(lambda x: 1e-3 * x, g), s2, params)
+        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-7)
+    assert float(jnp.max(jnp.abs(s1.memory.log_lr))) > 0  # the step sizes really moved
