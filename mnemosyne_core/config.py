@@ -36,9 +36,12 @@ class MnemosyneConfig:
     follows the hypergradient of the loss with respect to it: it grows while the
     new gradient agrees with the previous direction and shrinks when they
     disagree, at ``hypergradient_rate`` κ₀ per step (times a meta-learned
-    factor), kept in ``[min_log_lr, max_log_lr]`` around log α. It starts at
+    factor; ``hypergradient_down`` times that when they disagree), kept in
+    ``[min_log_lr, max_log_lr]`` around log α. It starts at
     ``init_log_lr`` (plus a meta-learned offset): starting below α and letting
-    the hypergradient raise it is a learned warm-up.
+    the hypergradient raise it is a learned warm-up. ``max_log_gain`` > 0 bounds
+    the learned per-chunk log gain softly to ±``max_log_gain`` (``tensor``; 0 =
+    unbounded).
 
     ``tensor``: ``num_features`` r, ``width`` N (meta-token width), ``value_width``
     (CAM value width), ``num_meta_tokens`` b per tensor, ``tokens_per_chunk`` T,
@@ -61,9 +64,11 @@ class MnemosyneConfig:
     use_loss_feature: bool = False
     hypergradient: bool = False
     hypergradient_rate: float = 0.1
+    hypergradient_down: float = 1.0
     init_log_lr: float = 0.0
     min_log_lr: float = -7.0
     max_log_lr: float = 2.3
+    max_log_gain: float = 0.0
     # tensor variant
     num_features: int = 16
     width: int = 8
@@ -109,12 +114,16 @@ class MnemosyneConfig:
                 raise ValueError(f"{name} must be a finite positive number, got {value}")
         if self.hypergradient and self.variant != "tensor":
             raise ValueError("hypergradient=True is implemented for the 'tensor' variant only")
-        if not (np.isfinite(self.hypergradient_rate) and self.hypergradient_rate >= 0):
-            raise ValueError(f"hypergradient_rate must be a finite number ≥ 0, got {self.hypergradient_rate}")
+        for name in ("hypergradient_rate", "hypergradient_down"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
         if not (np.isfinite(self.min_log_lr) and np.isfinite(self.max_log_lr)
                 and self.min_log_lr <= self.init_log_lr <= self.max_log_lr):
             raise ValueError("need finite min_log_lr ≤ init_log_lr ≤ max_log_lr, got "
                              f"{self.min_log_lr}, {self.init_log_lr}, {self.max_log_lr}")
+        if not (np.isfinite(self.max_log_gain) and self.max_log_gain >= 0):
+            raise ValueError(f"max_log_gain must be a finite number ≥ 0 (0 = unbounded), got {self.max_log_gain}")
         if not np.isfinite(self.magnitude_scale):
             raise ValueError(f"magnitude_scale must be finite, got {self.magnitude_scale}")
 

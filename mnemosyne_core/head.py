@@ -182,17 +182,20 @@ DRIFT_SCALE = 0.01
 
 
 def hypergradient_log_lr(hd: dict, log_lr: jax.Array, sums: jax.Array, *, rate: float,
-                         bounds: tuple[float, float]) -> jax.Array:
+                         bounds: tuple[float, float], down: float = 1.0) -> jax.Array:
     """Next per-tensor log step size from this step's ``sums (L, 3)`` = (g·u, g·g, u·u).
 
     u is the previous step's direction m̂ₜ₋₁/√v̂ (before this step's update), so
     g·u = −∂L/∂log αₜ₋₁ up to the positive step size: hypergradient descent on
     log α (Baydin et al., 2018), normalised to a cosine so that the rate is
-    scale-free. A first step (u = 0) has cosine 0.
+    scale-free. A first step (u = 0) has cosine 0. ``down`` multiplies the rate
+    when the cosine is negative: backing off faster than speeding up (as Rprop
+    does) damps a loss spike before it compounds.
     """
     dot, gg, uu = sums[:, 0], sums[:, 1], sums[:, 2]
     cos = dot * jax.lax.rsqrt(jnp.maximum(gg * uu, 1e-30))
     cos = jnp.where(gg * uu > 0, jnp.clip(cos, -1.0, 1.0), 0.0)
+    cos = jnp.where(cos < 0, down * cos, cos)
     step = rate * jnp.exp(hd["log_kappa"]) * cos + DRIFT_SCALE * hd["drift"]
     return jnp.clip(log_lr + step, bounds[0], bounds[1])
 
@@ -248,6 +251,7 @@ def tensor_context(
     magnitude_scale: float = 1.0,
     global_ctx: jax.Array | None = None,
     scale_free: bool = False,
+    max_log_gain: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, TensorMemory, jax.Array]:
     """HPE → CAM → per-chunk head context and step-size gain for all tensors at once.
 
@@ -283,7 +287,12 @@ def tensor_context(
     head = theta["head"]
     features = jnp.concatenate(ctx_in, axis=-1)
     ctx = features @ head["ctx_w"] + head["ctx_b"]
-    gain = jnp.exp(magnitude_scale * (features @ head["w_s"] + head["b_s"]))
+    log_gain = magnitude_scale * (features @ head["w_s"] + head["b_s"])
+    if max_log_gain > 0:
+        # A soft bound (slope 1 at 0, so a fresh θ is unchanged): a learned gain
+        # meta-trained on short unrolls cannot compound into divergence later.
+        log_gain = max_log_gain * jnp.tanh(log_gain / max_log_gain)
+    gain = jnp.exp(log_gain)
     gain = gain.reshape(num_leaves, b) * jnp.exp(memory.log_lr)[:, None]
     return ctx.reshape(num_leaves, b, -1), gain, TensorMemory(cam_state, moments, memory.log_lr), finite
 

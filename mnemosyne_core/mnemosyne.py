@@ -273,7 +273,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                     theta_s, means, jnp.stack([k for _, k in pooled]), state.memory, omega_hpe, omega_cam,
                     betas=(b1, b2, bv), bias_corrections=corr, eps=config.eps,
                     magnitude_scale=config.magnitude_scale, global_ctx=global_ctx,
-                    scale_free=config.hypergradient,
+                    scale_free=config.hypergradient, max_log_gain=config.max_log_gain,
                 )
                 ok = ok & finite
                 new_memory = keep(memory, state.memory)
@@ -303,7 +303,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                 # this step's sums set the next one (one step late, no second pass).
                 log_lr = hypergradient_log_lr(
                     theta_s["hd"], state.memory.log_lr, jnp.stack(hd_sums), rate=config.hypergradient_rate,
-                    bounds=(config.min_log_lr, config.max_log_lr))
+                    bounds=(config.min_log_lr, config.max_log_lr), down=config.hypergradient_down)
                 new_memory = new_memory._replace(log_lr=jnp.where(ok, log_lr, state.memory.log_lr))
         else:
             new_moments = {"m1": [], "v": []}

@@ -146,6 +146,8 @@ def test_non_finite_gradient_leaves_the_step_size_alone():
     ({"variant": "coordinate", "hypergradient": True}, "tensor"),
     ({"hypergradient": True, "hypergradient_rate": -0.1}, "hypergradient_rate"),
     ({"hypergradient": True, "init_log_lr": 5.0}, "init_log_lr"),
+    ({"hypergradient": True, "hypergradient_down": -1.0}, "hypergradient_down"),
+    ({"max_log_gain": -1.0}, "max_log_gain"),
     ({"hypergradient": True, "min_log_lr": float("nan")}, "min_log_lr"),
 ])
 def test_config_errors(kwargs, match):
@@ -156,7 +158,8 @@ def test_config_errors(kwargs, match):
 def test_config_without_the_new_fields_still_loads():
     # Checkpoints written before hypergradient existed have no such keys.
     d = MnemosyneConfig().to_dict()
-    for key in ("hypergradient", "hypergradient_rate", "init_log_lr", "min_log_lr", "max_log_lr"):
+    for key in ("hypergradient", "hypergradient_rate", "hypergradient_down", "init_log_lr", "min_log_lr",
+                "max_log_lr", "max_log_gain"):
         d.pop(key)
     assert MnemosyneConfig.from_dict(d) == MnemosyneConfig()
 
@@ -182,3 +185,29 @@ def test_updates_do_not_depend_on_the_gradient_scale():
         for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-7)
     assert float(jnp.max(jnp.abs(s1.memory.log_lr))) > 0  # the step sizes really moved
+
+
+def test_backing_off_faster_than_speeding_up():
+    config = dataclasses.replace(HD, init_log_lr=0.0, hypergradient_down=3.0)
+    tx = mnemosyne(init_theta(jax.random.key(0), config), config)
+    params = {"x": jnp.zeros(4)}
+    state, update, trace = tx.init(params), jax.jit(tx.update), []
+    for g in (1.0, 1.0, -1.0):  # agree, then disagree
+        _, state = update({"x": jnp.full(4, g)}, state, params)
+        trace.append(float(state.memory.log_lr[0]))
+    rate = config.hypergradient_rate
+    assert trace[0] == 0.0 and trace[1] == pytest.approx(rate, rel=1e-5)
+    # cos(g₃, m₂) = -1: the step size falls by 3κ₀.
+    assert trace[2] == pytest.approx(rate - 3.0 * rate, rel=1e-4)
+
+
+@pytest.mark.parametrize("bound", [0.0, 1.0])
+def test_learned_gain_bound(bound):
+    config = dataclasses.replace(HD, init_log_lr=0.0, max_log_gain=bound)
+    theta = init_theta(jax.random.key(0), config)
+    theta["head"]["b_s"] = jnp.float32(3.0)  # a learned log gain of 3
+    tx = mnemosyne(theta, config)
+    params = {"w": jnp.zeros((3, 4))}
+    u, _ = tx.update({"w": jnp.ones((3, 4))}, tx.init(params), params)
+    expected = 3.0 if bound == 0 else bound * math.tanh(3.0 / bound)
+    np.testing.assert_allclose(np.asarray(u["w"]), -config.learning_rate * math.exp(expected), rtol=1e-5)
