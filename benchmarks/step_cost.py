@@ -11,7 +11,7 @@ Figures (each a median of ≥ 20 timed calls after warm-up, ``block_until_ready`
 * peak temporary memory of the compiled update (XLA ``memory_analysis``) and
   the process's peak RSS.
 
-Targets for ``tensor``: update ≤ 3× Adam, whole step ≤ 1.25× Adam, ≤ 3 state
+Targets for ``tensor`` (and ``tensor_hd``): update ≤ 3× Adam, whole step ≤ 1.25× Adam, ≤ 3 state
 floats per parameter.
 
 Usage::
@@ -80,11 +80,13 @@ def state_floats_per_param(state: Any, params: Any) -> float:
 
 
 def opts() -> dict[str, Callable[[], optax.GradientTransformation]]:
-    def mn(variant: str):
-        config = MnemosyneConfig(variant=variant)
+    def mn(variant: str, **options: Any):
+        config = MnemosyneConfig(variant=variant, **options)
         return lambda: mnemosyne(init_theta(jax.random.key(0), config), config)
 
-    return {"adam": lambda: optax.adam(1e-3), "tensor": mn("tensor"), "coordinate": mn("coordinate")}
+    # tensor_hd: the shipped default's kind (per-tensor hypergradient step sizes).
+    return {"adam": lambda: optax.adam(1e-3), "tensor": mn("tensor"), "coordinate": mn("coordinate"),
+            "tensor_hd": mn("tensor", hypergradient=True, max_log_gain=1.0)}
 
 
 def update_case(tx: optax.GradientTransformation, params: Any) -> tuple[Callable[[], Any], float, float]:
@@ -130,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller pytrees, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--variants", default="tensor,coordinate")
+    parser.add_argument("--variants", default="tensor,tensor_hd,coordinate")
     args = parser.parse_args()
     repeats = args.repeats or (20 if args.quick else 30)
     trees = {
