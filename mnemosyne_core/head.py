@@ -51,9 +51,9 @@ from mnemosyne_core.hpe import (
 __all__ = [
     "TensorMemory",
     "coordinate_cam",
+    "hypergradient_log_lr",
     "init_coordinate_theta",
     "init_tensor_memory",
-    "hypergradient_log_lr",
     "init_tensor_theta",
     "inverse_softplus",
     "pool_leaf",

@@ -37,9 +37,9 @@ from mnemosyne_core.favor import orthogonal_directions
 from mnemosyne_core.head import (
     TensorMemory,
     coordinate_cam,
+    hypergradient_log_lr,
     init_coordinate_theta,
     init_tensor_memory,
-    hypergradient_log_lr,
     init_tensor_theta,
     pool_leaf,
     preprocess,
