@@ -41,7 +41,8 @@ class MnemosyneConfig:
     ``init_log_lr`` (plus a meta-learned offset): starting below α and letting
     the hypergradient raise it is a learned warm-up. ``max_log_gain`` > 0 bounds
     the learned per-chunk log gain softly to ±``max_log_gain`` (``tensor``; 0 =
-    unbounded).
+    unbounded). ``direction_correction=False`` (``tensor``) drops the learned
+    per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
     ``tensor``: ``num_features`` r, ``width`` N (meta-token width), ``value_width``
     (CAM value width), ``num_meta_tokens`` b per tensor, ``tokens_per_chunk`` T,
@@ -69,6 +70,7 @@ class MnemosyneConfig:
     min_log_lr: float = -7.0
     max_log_lr: float = 2.3
     max_log_gain: float = 0.0
+    direction_correction: bool = True
     # tensor variant
     num_features: int = 16
     width: int = 8

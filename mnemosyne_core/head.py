@@ -104,13 +104,16 @@ def init_tensor_theta(
     extra_ctx: int,
     init_discount: float,
     hypergradient: bool = False,
+    direction_correction: bool = True,
 ) -> dict:
     """θ of the ``tensor`` variant: HPE, CAM projections + τ, per-coordinate head.
 
     With ``hypergradient``, θ also holds ``hd``: the log of the meta-learned
     factor on the hypergradient rate κ₀ and a per-step drift of the log step
     size (a learned schedule term) and an offset of its initial value, all zero
-    at initialisation.
+    at initialisation. Without ``direction_correction`` the head keeps only the
+    per-chunk log step size (``w_s``, ``b_s``): HPE/CAM set how far each chunk
+    moves and the direction is Adam's.
     """
     k_hpe, k_cam, k_ctx, k_w1 = jax.random.split(key, 4)
     ctx_in = value_width + width + extra_ctx
@@ -125,6 +128,8 @@ def init_tensor_theta(
         "w_s": jnp.zeros((ctx_in,), jnp.float32),
         "b_s": jnp.zeros((), jnp.float32),
     }
+    if not direction_correction:
+        head = {"w_s": head["w_s"], "b_s": head["b_s"]}
     theta = {
         "hpe": init_hpe(k_hpe, num_pool, width, hpe_hidden),
         "cam": _cam_params(k_cam, width, width, value_width, init_discount),
@@ -286,7 +291,10 @@ def tensor_context(
         ctx_in.append(jnp.broadcast_to(global_ctx, (meta.shape[0], global_ctx.shape[-1])))
     head = theta["head"]
     features = jnp.concatenate(ctx_in, axis=-1)
-    ctx = features @ head["ctx_w"] + head["ctx_b"]
+    if "ctx_w" in head:
+        ctx = features @ head["ctx_w"] + head["ctx_b"]
+    else:  # no direction correction: nothing per coordinate reads a context
+        ctx = jnp.zeros((features.shape[0], 0), features.dtype)
     log_gain = magnitude_scale * (features @ head["w_s"] + head["b_s"])
     if max_log_gain > 0:
         # A soft bound (slope 1 at 0, so a fresh θ is unchanged): a learned gain
@@ -335,8 +343,10 @@ def tensor_head(
     coord = [adam_dir, view(m2) * (c2 * inv), view(g) * inv]
     if param is not None:
         coord.append(view(param))
-    w1, w_d = head["w1"], head["w_d"]
     d = adam_dir
+    if "w1" not in head:  # no direction correction (see init_tensor_theta)
+        coord = []
+    w1, w_d = head.get("w1", jnp.zeros((0, 0))), head.get("w_d")
     for j in range(w1.shape[1]):
         pre = ctx[:, j : j + 1]
         for i, f in enumerate(coord):

@@ -103,6 +103,7 @@ def init_theta(key: jax.Array, config: MnemosyneConfig) -> dict:
             extra_ctx=1 if config.use_loss_feature else 0,
             init_discount=config.init_discount,
             hypergradient=config.hypergradient,
+            direction_correction=config.direction_correction,
         )
     return init_coordinate_theta(
         key,
@@ -187,7 +188,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
     validate_theta(theta, config)
     theta = jax.tree.map(jnp.asarray, theta)
     omega_np = _directions_np(config)
-    needs_params = config.variant == "tensor" and config.use_param_feature
+    needs_params = config.variant == "tensor" and config.use_param_feature and config.direction_correction
 
     def init_fn(params: Any) -> MnemosyneState:
         leaves = jax.tree.leaves(params)
@@ -265,7 +266,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
             # tensors at once; gives `ok`) → phase 3 (one fused elementwise
             # loop per state array + one for the head).
             layouts = [_layout(config, g) for g in g_leaves]
-            params32 = [p.astype(jnp.float32) if config.use_param_feature else None for p in p_leaves]
+            params32 = [p.astype(jnp.float32) if needs_params else None for p in p_leaves]
             pooled = [pool_leaf(g, lay) if g.size else _empty_tokens(config) for g, lay in zip(g32s, layouts)]
             means = jnp.stack([m for m, _ in pooled]) if pooled else None
             if pooled:

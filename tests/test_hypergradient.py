@@ -211,3 +211,25 @@ def test_learned_gain_bound(bound):
     u, _ = tx.update({"w": jnp.ones((3, 4))}, tx.init(params), params)
     expected = 3.0 if bound == 0 else bound * math.tanh(3.0 / bound)
     np.testing.assert_allclose(np.asarray(u["w"]), -config.learning_rate * math.exp(expected), rtol=1e-5)
+
+
+def test_without_direction_correction_theta_only_scales_adams_direction():
+    config = dataclasses.replace(HD, direction_correction=False, use_param_feature=False, max_log_gain=0.7)
+    theta = init_theta(jax.random.key(0), config)
+    assert sorted(theta["head"]) == ["b_s", "w_s"]
+    leaves, treedef = jax.tree.flatten(theta)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    theta = jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    tx, ref = mnemosyne(theta, config), optax.adam(1.0)
+    params = {"w": jnp.zeros((16, 8))}
+    state, ref_state = tx.init(params), ref.init(params)
+    for t in range(5):
+        g = {"w": jax.random.normal(jax.random.key(30 + t), (16, 8))}
+        step_size = config.learning_rate * math.exp(float(state.memory.log_lr[0]))
+        u, state = tx.update(g, state)  # no params needed
+        r, ref_state = ref.update(g, ref_state)
+        # Same direction as Adam(1) everywhere, one step size per chunk (2 meta-tokens), each the
+        # tensor's hypergradient step size times a learned gain within [e^-0.7, e^0.7].
+        gain = np.asarray(u["w"] / r["w"]).reshape(-1) / step_size
+        assert 1 <= np.unique(np.round(gain, 4)).size <= config.num_meta_tokens
+        assert np.all(gain >= math.exp(-0.7) * (1 - 1e-4)) and np.all(gain <= math.exp(0.7) * (1 + 1e-4))
