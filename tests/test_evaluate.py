@@ -91,3 +91,19 @@ def test_pretrained_default_is_a_ready_optax_transformation():
     with pytest.raises(KeyError, match="available"):
         mn.pretrained("no_such_optimizer")
     assert np.isfinite(jax.flatten_util.ravel_pytree(theta)[0]).all()
+
+
+def test_shipped_default_is_what_its_documented_command_produces():
+    # `mnemosyne meta-train --config default --seed 0` must rebuild the shipped checkpoint's
+    # architecture and budget: the committed config and the artifact cannot drift apart.
+    from mnemosyne_core.meta.config import load_config
+    from mnemosyne_core.meta.learned import LearnedOptimizer
+    from mnemosyne_core.pretrained import pretrained_theta
+
+    theta, config, meta = pretrained_theta("default")
+    cfg = load_config("default")
+    lo = LearnedOptimizer.from_section(cfg.optimizer.kind, cfg.optimizer.config_dict)
+    assert config == lo.config
+    assert meta["generation"] == cfg.generations and meta["seed"] == cfg.seed
+    lo_theta = lo.init_theta(jax.random.key(0))
+    assert jax.tree.structure(theta) == jax.tree.structure(lo_theta)
