@@ -11,7 +11,7 @@ Figures (each a median of ≥ 20 timed calls after warm-up, ``block_until_ready`
 * peak temporary memory of the compiled update (XLA ``memory_analysis``) and
   the process's peak RSS.
 
-Targets for ``tensor`` (and ``tensor_hd``): update ≤ 3× Adam, whole step ≤ 1.25× Adam, ≤ 3 state
+Targets for ``tensor`` (and the shipped ``default``): update ≤ 3× Adam, whole step ≤ 1.25× Adam, ≤ 3 state
 floats per parameter.
 
 Usage::
@@ -84,9 +84,14 @@ def opts() -> dict[str, Callable[[], optax.GradientTransformation]]:
         config = MnemosyneConfig(variant=variant, **options)
         return lambda: mnemosyne(init_theta(jax.random.key(0), config), config)
 
-    # tensor_hd: the shipped default's kind (per-tensor hypergradient step sizes).
+    def shipped():
+        from mnemosyne_core.pretrained import pretrained
+
+        return pretrained("default")
+
+    # default: the shipped optimizer (tensor variant, per-tensor hypergradient step sizes, Adam's direction).
     return {"adam": lambda: optax.adam(1e-3), "tensor": mn("tensor"), "coordinate": mn("coordinate"),
-            "tensor_hd": mn("tensor", hypergradient=True, max_log_gain=1.0)}
+            "default": shipped}
 
 
 def update_case(tx: optax.GradientTransformation, params: Any) -> tuple[Callable[[], Any], float, float]:
@@ -132,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller pytrees, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--variants", default="tensor,tensor_hd,coordinate")
+    parser.add_argument("--variants", default="tensor,default,coordinate")
     args = parser.parse_args()
     repeats = args.repeats or (20 if args.quick else 30)
     trees = {
