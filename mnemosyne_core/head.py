@@ -340,18 +340,17 @@ def tensor_head(
 
     inv = 1.0 / (jnp.sqrt(view(v) * cv) + eps)
     adam_dir = view(m1) * (c1 * inv)
-    coord = [adam_dir, view(m2) * (c2 * inv), view(g) * inv]
-    if param is not None:
-        coord.append(view(param))
     d = adam_dir
-    if "w1" not in head:  # no direction correction (see init_tensor_theta)
-        coord = []
-    w1, w_d = head.get("w1", jnp.zeros((0, 0))), head.get("w_d")
-    for j in range(w1.shape[1]):
-        pre = ctx[:, j : j + 1]
-        for i, f in enumerate(coord):
-            pre = pre + w1[i, j] * f
-        d = d + w_d[j] * jnp.maximum(pre, 0.0)
+    if "w1" in head:  # the learned direction correction (absent with direction_correction=False)
+        coord = [adam_dir, view(m2) * (c2 * inv), view(g) * inv]
+        if param is not None:
+            coord.append(view(param))
+        w1, w_d = head["w1"], head["w_d"]
+        for j in range(w1.shape[1]):
+            pre = ctx[:, j : j + 1]
+            for i, f in enumerate(coord):
+                pre = pre + w1[i, j] * f
+            d = d + w_d[j] * jnp.maximum(pre, 0.0)
     sums = None
     if m1_old is not None:
         # Padding in the chunk view is zero in g, so it adds nothing to the sums.
