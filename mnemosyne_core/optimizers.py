@@ -110,7 +110,8 @@ def _lstm_entry() -> OptimizerEntry:
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "mnemosyne_tensor": _mnemosyne_entry("mnemosyne_tensor", variant="tensor"),
-    # The shipped optimizer's kind: per-tensor hypergradient step sizes on top.
+    # Per-tensor hypergradient step sizes on top of the tensor variant (the shipped default also
+    # turns the direction correction off; test_hypergradient.py covers that path).
     "mnemosyne_tensor_hd": _mnemosyne_entry("mnemosyne_tensor_hd", variant="tensor", hypergradient=True),
     "mnemosyne_coordinate": _mnemosyne_entry("mnemosyne_coordinate", variant="coordinate"),
     "lstm": _lstm_entry(),
