@@ -36,7 +36,7 @@ BUDGETS = {
     "gymnax_pendulum": ({"num_envs": 16}, 600),
     "brax_inverted_pendulum": ({"num_envs": 8, "hidden": [16, 16]}, 60),
 }
-ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # brackets every env's best
 EVALS = 12  # evaluation points per run
 
 

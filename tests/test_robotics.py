@@ -154,6 +154,25 @@ def test_shipped_robotics_optimizer_trains_a_policy():
     assert _best_gain(result) > 50
 
 
+def test_shipped_robotics_descends_from_the_shipped_default():
+    # `meta-train --config robotics --init-from default` takes the architecture from `default`;
+    # configs/robotics.toml must name the same one, or its fresh-θ run (the initialisation
+    # comparison) would meta-train a different optimizer. Both must follow a new `default`.
+    from mnemosyne_core.meta.config import load_config
+    from mnemosyne_core.meta.learned import LearnedOptimizer
+    from mnemosyne_core.pretrained import pretrained_theta
+
+    theta, config, meta = pretrained_theta("robotics")
+    d_theta, d_config, d_meta = pretrained_theta("default")
+    assert config == d_config
+    assert {k: meta["parent"][k] for k in ("code_version", "generation", "seed")} == \
+        {k: d_meta[k] for k in ("code_version", "generation", "seed")}
+    assert jax.tree.structure(theta) == jax.tree.structure(d_theta)
+    cfg = load_config("robotics")
+    assert LearnedOptimizer.from_section(cfg.optimizer.kind, cfg.optimizer.config_dict).config == d_config
+    assert meta["generation"] == cfg.generations and meta["seed"] == cfg.seed
+
+
 @pytest.mark.slow
 def test_brax_inverted_pendulum_spring_improves():
     task = make_task({"name": "brax_inverted_pendulum",
