@@ -97,12 +97,12 @@ def test_shipped_default_is_what_its_documented_command_produces():
     # `mnemosyne meta-train --config default --seed 0` must rebuild the shipped checkpoint's
     # architecture and budget: the committed config and the artifact cannot drift apart.
     from mnemosyne_core.meta.config import load_config
-    from mnemosyne_core.meta.learned import LearnedOptimizer
+    from mnemosyne_core.meta.evaluator import learned_optimizer
     from mnemosyne_core.pretrained import pretrained_theta
 
     theta, config, meta = pretrained_theta("default")
     cfg = load_config("default")
-    lo = LearnedOptimizer.from_section(cfg.optimizer.kind, cfg.optimizer.config_dict)
+    lo = learned_optimizer(cfg)  # what the meta-trainer builds from this config
     assert config == lo.config
     assert meta["generation"] == cfg.generations and meta["seed"] == cfg.seed
     lo_theta = lo.init_theta(jax.random.key(0))

@@ -159,7 +159,7 @@ def test_shipped_robotics_descends_from_the_shipped_default():
     # configs/robotics.toml must name the same one, or its fresh-θ run (the initialisation
     # comparison) would meta-train a different optimizer. Both must follow a new `default`.
     from mnemosyne_core.meta.config import load_config
-    from mnemosyne_core.meta.learned import LearnedOptimizer
+    from mnemosyne_core.meta.evaluator import learned_optimizer
     from mnemosyne_core.pretrained import pretrained_theta
 
     theta, config, meta = pretrained_theta("robotics")
@@ -169,7 +169,7 @@ def test_shipped_robotics_descends_from_the_shipped_default():
         {k: d_meta[k] for k in ("code_version", "generation", "seed")}
     assert jax.tree.structure(theta) == jax.tree.structure(d_theta)
     cfg = load_config("robotics")
-    assert LearnedOptimizer.from_section(cfg.optimizer.kind, cfg.optimizer.config_dict).config == d_config
+    assert learned_optimizer(cfg).config == d_config
     assert meta["generation"] == cfg.generations and meta["seed"] == cfg.seed
 
 
