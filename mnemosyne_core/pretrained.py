@@ -7,7 +7,11 @@ checkpoint format) and are produced by the documented meta-training commands:
   (``runs/default/optimizer.msgpack``);
 * ``lstm`` — the LSTM baseline, same config and budget:
   ``mnemosyne meta-train --config default --optimizer-kind lstm --seed 0 --out runs/default_lstm``;
-* ``robotics`` — added by the robotics work (``--config robotics --init-from default``).
+* ``default_v1`` — the first shipped ``default`` (before the hypergradient step sizes:
+  Adam's direction with a learned per-coordinate correction and a loss-progress feature),
+  ``meta-train --config default --seed 0`` at commit 1c51e63; kept as ``robotics``' parent;
+* ``robotics`` — ``mnemosyne meta-train --config robotics --init-from default_v1 --seed 0``:
+  ``default_v1`` meta-fine-tuned on gymnax policy tasks.
 
 Each checkpoint's metadata records the config, seed, generation, code and JAX versions.
 

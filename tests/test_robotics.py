@@ -147,30 +147,33 @@ def test_gymnax_policy_improves_with_mnemosyne(env):
 def test_shipped_robotics_optimizer_trains_a_policy():
     tx, info = resolve_optimizer("robotics")  # mnemosyne_core/pretrained/robotics.msgpack
     assert info["kind"] == "mnemosyne" and info["metadata"]["config_name"] == "robotics"
-    assert info["metadata"]["parent"]["source"] == "pretrained:default"  # initialised from default
+    assert info["metadata"]["parent"]["source"] == "pretrained:default_v1"  # initialised from default_v1
     kwargs, _, steps = GYMNAX_RUNS["gymnax_cartpole"]
     result = train_policy(make_task({"name": "gymnax_cartpole", "kwargs": kwargs}), tx, steps=steps,
                           seed=0, eval_every=steps // 4)
     assert _best_gain(result) > 50
 
 
-def test_shipped_robotics_descends_from_the_shipped_default():
-    # `meta-train --config robotics --init-from default` takes the architecture from `default`;
-    # configs/robotics.toml must name the same one, or its fresh-θ run (the initialisation
-    # comparison) would meta-train a different optimizer. Both must follow a new `default`.
+def test_shipped_robotics_descends_from_the_shipped_default_v1():
+    # `meta-train --config robotics --init-from default_v1` takes the architecture from the
+    # parent; configs/robotics.toml must name the same one, or its fresh-θ run (the
+    # initialisation comparison) would meta-train a different optimizer.
     from mnemosyne_core.meta.config import load_config
     from mnemosyne_core.meta.evaluator import learned_optimizer
     from mnemosyne_core.pretrained import pretrained_theta
 
     theta, config, meta = pretrained_theta("robotics")
-    d_theta, d_config, d_meta = pretrained_theta("default")
-    assert config == d_config
+    p_theta, p_config, p_meta = pretrained_theta("default_v1")
+    assert config == p_config and p_meta["config_name"] == "default"
     assert {k: meta["parent"][k] for k in ("code_version", "generation", "seed")} == \
-        {k: d_meta[k] for k in ("code_version", "generation", "seed")}
-    assert jax.tree.structure(theta) == jax.tree.structure(d_theta)
+        {k: p_meta[k] for k in ("code_version", "generation", "seed")}
+    assert jax.tree.structure(theta) == jax.tree.structure(p_theta)
     cfg = load_config("robotics")
-    assert learned_optimizer(cfg).config == d_config
+    assert learned_optimizer(cfg).config == p_config
     assert meta["generation"] == cfg.generations and meta["seed"] == cfg.seed
+    # Fine-tuning moved θ away from its parent.
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(theta), jax.tree.leaves(p_theta))) > 1e-3
 
 
 @pytest.mark.slow
