@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train-policy", help="train a policy MLP and save it with a return curve")
     train.add_argument("--env", required=True, help="e.g. gymnax_pendulum, gymnax_cartpole, brax_reacher")
     train.add_argument("--optimizer", default="adam:1e-3",
-                       help="adam:LR | sgd:LR | default | robotics | checkpoint path | grpc://HOST:PORT/NAME")
+                       help="adam:LR | sgd:LR | a shipped name (robotics, default, …) | checkpoint path | grpc://HOST:PORT/NAME")
     train.add_argument("--steps", type=int, default=200, help="policy updates (default 200)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval-every", type=int, default=0,

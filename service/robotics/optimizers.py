@@ -18,7 +18,6 @@ from typing import Any
 
 import optax
 
-PRETRAINED_NAMES = ("default", "robotics")
 PLAIN = {"adam": optax.adam, "sgd": optax.sgd}
 
 
@@ -41,7 +40,8 @@ def resolve_optimizer(spec: str) -> tuple[optax.GradientTransformationExtraArgs,
         # program: every learning rate of a grid reuses one compiled train step.
         tx = optax.with_extra_args_support(optax.inject_hyperparams(PLAIN[kind])(learning_rate=lr))
         return tx, {"spec": spec, "kind": kind, "learning_rate": lr}
-    if spec in PRETRAINED_NAMES:
+    shipped = _shipped_names()
+    if spec in shipped:
         theta, config, metadata = _load_pretrained(spec)
     elif spec.startswith("grpc://") or pathlib.Path(spec).exists():
         theta, config, metadata = _load_checkpoint(spec)
@@ -49,7 +49,7 @@ def resolve_optimizer(spec: str) -> tuple[optax.GradientTransformationExtraArgs,
         raise OptimizerSpecError(f"optimizer checkpoint {spec!r} does not exist")
     else:
         raise OptimizerSpecError(
-            f"unknown optimizer {spec!r}: use adam:LR, sgd:LR, {', '.join(PRETRAINED_NAMES)}, "
+            f"unknown optimizer {spec!r}: use adam:LR, sgd:LR, {', '.join(shipped) or 'a shipped name'}, "
             "a checkpoint path or grpc://HOST:PORT/NAME[@VERSION]")
     return learned_transform(theta, config, spec), {
         "spec": spec, "kind": _kind_of(config, spec), "metadata": _jsonable(metadata)}
@@ -84,6 +84,15 @@ def _load_checkpoint(spec: str) -> tuple[Any, Any, Any]:
         return checkpoint.load(spec)
     except Exception as exc:  # CheckpointError, registry errors, corrupt files: all one line
         raise OptimizerSpecError(f"cannot load optimizer {spec!r}: {_one_line(exc)}") from exc
+
+
+def _shipped_names() -> tuple[str, ...]:
+    """Names accepted as pretrained specs: every optimizer the package ships."""
+    try:
+        from mnemosyne_core.pretrained import available
+    except ModuleNotFoundError:
+        return ()
+    return tuple(available())
 
 
 def _load_pretrained(name: str) -> tuple[Any, Any, Any]:
