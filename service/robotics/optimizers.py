@@ -40,7 +40,10 @@ def resolve_optimizer(spec: str) -> tuple[optax.GradientTransformationExtraArgs,
         # program: every learning rate of a grid reuses one compiled train step.
         tx = optax.with_extra_args_support(optax.inject_hyperparams(PLAIN[kind])(learning_rate=lr))
         return tx, {"spec": spec, "kind": kind, "learning_rate": lr}
-    shipped = _shipped_names()
+    # Imported after the plain specs: it loads JAX.
+    from mnemosyne_core.pretrained import available
+
+    shipped = available()
     if spec in shipped:
         theta, config, metadata = _load_pretrained(spec)
     elif spec.startswith("grpc://") or pathlib.Path(spec).exists():
@@ -84,15 +87,6 @@ def _load_checkpoint(spec: str) -> tuple[Any, Any, Any]:
         return checkpoint.load(spec)
     except Exception as exc:  # CheckpointError, registry errors, corrupt files: all one line
         raise OptimizerSpecError(f"cannot load optimizer {spec!r}: {_one_line(exc)}") from exc
-
-
-def _shipped_names() -> tuple[str, ...]:
-    """Names accepted as pretrained specs: every optimizer the package ships."""
-    try:
-        from mnemosyne_core.pretrained import available
-    except ModuleNotFoundError:
-        return ()
-    return tuple(available())
 
 
 def _load_pretrained(name: str) -> tuple[Any, Any, Any]:
