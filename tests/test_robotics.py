@@ -171,6 +171,10 @@ def test_shipped_robotics_descends_from_the_shipped_default_v1():
     cfg = load_config("robotics")
     assert learned_optimizer(cfg).config == p_config
     assert meta["generation"] == cfg.generations and meta["seed"] == cfg.seed
+    # The shipped θ was meta-trained with the committed config (estimator, meta-loss, tasks,
+    # outer loop), not an earlier one; the optimizer section is stored resolved (checked above).
+    committed = {k: v for k, v in cfg.to_dict().items() if k != "optimizer"}
+    assert {k: meta["config"][k] for k in committed} == committed
     # Fine-tuning moved θ away from its parent.
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
                zip(jax.tree.leaves(theta), jax.tree.leaves(p_theta))) > 1e-3
