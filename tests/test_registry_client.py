@@ -150,6 +150,29 @@ def test_load_uri_returns_what_checkpoint_load_returns(registry, tmp_path, monke
         jax.tree.map(np.testing.assert_array_equal, theta_got, expected[0])
 
 
+def test_load_uri_accepts_a_checkpoint_from_an_older_release_and_checks_its_architecture(registry):
+    # default_v1 was written before later config fields existed: its header's spec lacks them
+    # (they load with their defaults), and the record is copied from that header.
+    from mnemosyne_core import checkpoint
+    from mnemosyne_core.pretrained import PRETRAINED_DIR
+    from mnemosyne_core.registry_client import load_uri
+
+    data = (PRETRAINED_DIR / "default_v1.msgpack").read_bytes()
+    header, _ = checkpoint.read_header(data)
+    theta, config, meta = checkpoint.from_bytes(data)
+    assert header["architecture"] != checkpoint.architecture_spec(config)  # the case under test
+    with RegistryClient(registry) as client:
+        old = client.publish(data, "older-release")
+        wrong = dict(header["architecture"], config={**header["architecture"]["config"], "width": 16})
+        bogus = client.publish(data, "older-release", {"compatibility": {
+            "architecture_spec_json": json.dumps(wrong, sort_keys=True)}})
+    theta_got, config_got, meta_got = load_uri(f"{registry}/older-release:{old.number}")
+    jax.tree.map(np.testing.assert_array_equal, theta_got, theta)
+    assert config_got == config and meta_got == meta
+    with pytest.raises(IncompatibleVersionError, match="architecture differs"):
+        load_uri(f"{registry}/older-release:{bogus.number}")
+
+
 def test_load_uri_refuses_incompatible_versions(registry):
     checkpoint = pytest.importorskip(
         "mnemosyne_core.checkpoint", reason="mnemosyne_core.checkpoint is not in this checkout yet")

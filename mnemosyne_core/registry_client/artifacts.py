@@ -87,13 +87,29 @@ def decode_checkpoint(version: pb.Version, data: bytes, *, like: Any = None):
     if compat.theta_fingerprint and compat.theta_fingerprint != checkpoint.theta_fingerprint(theta):
         raise IncompatibleVersionError(f"{where}: θ fingerprint differs from the registry's compatibility record")
     stored_spec = json.loads(compat.architecture_spec_json) if compat.architecture_spec_json else None
-    if stored_spec is not None and stored_spec != json.loads(json.dumps(checkpoint.architecture_spec(config))):
+    if stored_spec is not None and not _same_architecture(checkpoint, stored_spec, config, data):
         raise IncompatibleVersionError(f"{where}: architecture differs from the registry's compatibility record")
     if like is not None:
         from .hotswap import check_swappable, find_theta
         current = find_theta(like) if _holds_theta(like) else like
         check_swappable(current, theta)
     return theta, config, metadata
+
+
+def _same_architecture(checkpoint: Any, stored_spec: Any, config: Any, data: bytes) -> bool:
+    """Whether the record's spec describes this artifact's architecture.
+
+    The record is copied from the checkpoint header at publish time. A checkpoint written by
+    an older release stores the spec as it was then, without config fields added since (they
+    load with their defaults), so it matches its own header even though it is not today's
+    canonical ``architecture_spec(config)``.
+    """
+    if stored_spec == json.loads(json.dumps(checkpoint.architecture_spec(config))):
+        return True
+    if not hasattr(checkpoint, "read_header"):
+        return False
+    header, _ = checkpoint.read_header(data)
+    return stored_spec == json.loads(json.dumps(header["architecture"]))
 
 
 def _holds_theta(obj: Any) -> bool:
