@@ -253,3 +253,65 @@ def test_cli_train_policy_with_checkpoint_writes_summary_plot_and_policy(tmp_pat
     task = make_task({"name": "gymnax_cartpole", "kwargs": {"num_envs": 4, "horizon": 16, "eval_envs": 2}})
     restored = load_policy(out / "policy", task.init(jax.random.key(0)))
     assert float(task.evaluate(restored)["return"]) == pytest.approx(summary["final_return"])
+
+
+# --- meta-fine-tuning a published optimizer on robotics tasks (`meta-train --init-from`) ----
+
+_TINY_ROBOTICS = """\
+generations = 2
+checkpoint_every = 1
+publish_every = 1
+[estimator]
+num_pairs = 2
+truncation = 4
+meta_loss = "heldout"
+[tasks]
+specs = [{ name = "gymnax_cartpole", kwargs = { hidden = [8, 8], num_envs = 2, horizon = 8, eval_envs = 2, eval_steps = 40 } }]
+min_unroll = 4
+max_unroll = 8
+"""
+
+
+def test_cli_meta_fine_tunes_a_registry_optimizer_on_robotics_and_publishes(tmp_path, capsys):
+    pytest.importorskip("grpc")
+    from mnemosyne_core import checkpoint
+    from mnemosyne_core.pretrained import PRETRAINED_DIR, pretrained_theta
+    from mnemosyne_core.registry_client import RegistryClient
+    from service.demo import start_registry, stop
+
+    cfg_path = tmp_path / "tiny_robotics.toml"
+    cfg_path.write_text(_TINY_ROBOTICS)
+    parent_theta, parent_config, _ = pretrained_theta("default_v1")
+    proc, uri = start_registry(tmp_path / "registry", tmp_path / "registry.log")
+    try:
+        client = RegistryClient(uri.removeprefix("grpc://"))
+        client.publish(PRETRAINED_DIR / "default_v1.msgpack", "parent")  # a published optimizer
+        out = tmp_path / "run"
+        code, _, err = _run_cli(["meta-train", "--config", str(cfg_path), "--out", str(out), "--no-progress",
+                                "--init-from", f"{uri}/parent", "--publish", f"{uri}/robotics-ft"], capsys)
+        assert code == 0, err
+        theta, config, meta = checkpoint.load(out / "optimizer.msgpack")
+        # The architecture and the starting θ came from the registry version, not the config file.
+        assert config == parent_config and meta["parent"]["source"] == f"{uri}/parent"
+        assert jax.tree.structure(theta) == jax.tree.structure(parent_theta)
+        moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                    zip(jax.tree.leaves(theta), jax.tree.leaves(parent_theta)))
+        assert 0 < moved < 1.0  # two small outer steps from the parent, not a fresh θ
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(math.isfinite(r["meta_loss"]) and r["pairs_used"] == 2 for r in rows)
+        published = client.get_version("robotics-ft")
+        assert published.number == 2 and published.metadata.tags["parent_source"] == f"{uri}/parent"
+        client.close()
+    finally:
+        stop(proc)
+
+
+def test_cli_meta_train_bad_init_from_is_one_line_error(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny_robotics.toml"
+    cfg_path.write_text(_TINY_ROBOTICS)
+    for spec, match in [(str(tmp_path / "missing.msgpack"), "missing.msgpack"),
+                        ("no_such_optimizer", "no_such_optimizer")]:
+        code, _, err = _run_cli(["meta-train", "--config", str(cfg_path), "--out", str(tmp_path / "run"),
+                                 "--init-from", spec], capsys)
+        assert code == 2 and err.count("\n") == 1 and "--init-from" in err and match in err
+        assert not (tmp_path / "run" / "optimizer.msgpack").exists()
