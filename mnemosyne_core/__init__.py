@@ -59,7 +59,7 @@ _EXPORTS: dict[str, str] = {
     "pretrained_theta": "mnemosyne_core.pretrained",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - the lazy-export table above is the one list of names
 __version__ = "0.1.0"
 
 

@@ -46,10 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
         return f"mnemosyne {version('mnemosyne')}"
-    except Exception:  # pragma: no cover - not installed as a distribution
+    except PackageNotFoundError:  # pragma: no cover - not installed as a distribution
         return "mnemosyne (source tree)"
 
 
@@ -72,6 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Run through the importable module so that `python -m service.cli` and the
     # console script share one CLIError class (commands import it from here).
-    from service import cli as _cli
+    from service import cli as _cli  # noqa: PLW0406 - deliberate, see above
 
     sys.exit(_cli.main())

@@ -73,7 +73,7 @@ def test_cli_help_lists_commands(capsys):
 
 def test_cli_unknown_command_exits_nonzero():
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "no-such-command"], capture_output=True, text=True
+        [sys.executable, "-m", "service.cli", "no-such-command"], capture_output=True, text=True, check=False
     )
     assert proc.returncode != 0
     assert "invalid choice" in proc.stderr
