@@ -109,7 +109,7 @@ def _same_architecture(checkpoint: Any, stored_spec: Any, config: Any, data: byt
     if not hasattr(checkpoint, "read_header"):
         return False
     header, _ = checkpoint.read_header(data)
-    return stored_spec == json.loads(json.dumps(header["architecture"]))
+    return stored_spec == header["architecture"]  # already plain JSON, as parsed from the file
 
 
 def _holds_theta(obj: Any) -> bool:
