@@ -194,7 +194,11 @@ def test_optimizer_specs():
     _, info = resolve_optimizer("adam:1e-3")
     assert info == {"spec": "adam:1e-3", "kind": "adam", "learning_rate": 1e-3}
     for bad, match in [("adam:fast", "bad learning rate"), ("adam:-1", "must be > 0"),
-                       ("nadam", "unknown optimizer"), ("/no/such/ckpt.msgpack", "does not exist")]:
+                       ("nadam", "unknown optimizer"), ("/no/such/ckpt.msgpack", "does not exist"),
+                       ("runs/no-such-run", "does not exist"),
+                       # A TLS registry URI goes to the registry client (nothing listens on port 1),
+                       # not to the file system.
+                       ("grpcs://127.0.0.1:1/robotics", "cannot load optimizer .*UNAVAILABLE")]:
         with pytest.raises(OptimizerSpecError, match=match):
             resolve_optimizer(bad)
     # Every optimizer the package ships is a valid spec (robotics' parent default_v1 too).

@@ -1,9 +1,9 @@
 """Optimizer specs for policy training: ``adam:LR``, ``sgd:LR``, a pretrained name,
-a checkpoint path or a ``grpc://`` registry URI.
+a checkpoint path or a ``grpc://`` / ``grpcs://`` (TLS) registry URI.
 
-Learned optimizers come from ``mnemosyne_core.checkpoint.load`` (paths and
-``grpc://`` URIs) or ``mnemosyne_core.pretrained(name)``; the checkpoint's config
-type decides which transform (Mnemosyne or the LSTM baseline) runs θ.
+Learned optimizers come from ``mnemosyne_core.pretrained.load_optimizer`` (paths,
+``grpc://``/``grpcs://`` URIs and shipped names); the checkpoint's config type
+decides which transform (Mnemosyne or the LSTM baseline) runs θ.
 
 Example:
     >>> tx, info = resolve_optimizer("adam:1e-3")
@@ -12,8 +12,6 @@ Example:
 """
 from __future__ import annotations
 
-import importlib
-import pathlib
 from typing import Any
 
 import optax
@@ -40,20 +38,22 @@ def resolve_optimizer(spec: str) -> tuple[optax.GradientTransformationExtraArgs,
         # program: every learning rate of a grid reuses one compiled train step.
         tx = optax.with_extra_args_support(optax.inject_hyperparams(PLAIN[kind])(learning_rate=lr))
         return tx, {"spec": spec, "kind": kind, "learning_rate": lr}
-    # Imported after the plain specs: it loads JAX.
-    from mnemosyne_core.pretrained import available
+    # Imported after the plain specs: it loads JAX. One dispatch for paths, URIs and
+    # shipped names (the library's), with its errors turned into one line each.
+    from mnemosyne_core.pretrained import PretrainedError, available, load_optimizer
 
-    shipped = available()
-    if spec in shipped:
-        theta, config, metadata = _load_pretrained(spec)
-    elif spec.startswith("grpc://") or pathlib.Path(spec).exists():
-        theta, config, metadata = _load_checkpoint(spec)
-    elif "/" in spec or spec.endswith(".msgpack"):
-        raise OptimizerSpecError(f"optimizer checkpoint {spec!r} does not exist")
-    else:
+    try:
+        theta, config, metadata = load_optimizer(spec)
+    except PretrainedError:
+        if "/" in spec:  # a path without a suffix that is not there
+            raise OptimizerSpecError(f"optimizer checkpoint {spec!r} does not exist") from None
         raise OptimizerSpecError(
-            f"unknown optimizer {spec!r}: use adam:LR, sgd:LR, {', '.join(shipped) or 'a shipped name'}, "
-            "a checkpoint path or grpc://HOST:PORT/NAME[@VERSION]")
+            f"unknown optimizer {spec!r}: use adam:LR, sgd:LR, {', '.join(available()) or 'a shipped name'}, "
+            "a checkpoint path or grpc[s]://HOST:PORT/NAME[@VERSION]") from None
+    except FileNotFoundError:
+        raise OptimizerSpecError(f"optimizer checkpoint {spec!r} does not exist") from None
+    except Exception as exc:  # CheckpointError, registry errors, a damaged shipped file: all one line
+        raise OptimizerSpecError(f"cannot load optimizer {spec!r}: {_one_line(exc)}") from exc
     return learned_transform(theta, config, spec), {
         "spec": spec, "kind": _kind_of(config, spec), "metadata": _jsonable(metadata)}
 
@@ -76,28 +76,6 @@ def _kind_of(config: Any, spec: str) -> str:
         return LearnedOptimizer.kind_of(config)
     except ValueError as exc:
         raise OptimizerSpecError(f"optimizer {spec!r} is incompatible: {exc}") from exc
-
-
-def _load_checkpoint(spec: str) -> tuple[Any, Any, Any]:
-    try:
-        checkpoint = importlib.import_module("mnemosyne_core.checkpoint")
-    except ModuleNotFoundError as exc:
-        raise OptimizerSpecError(f"cannot load {spec!r}: checkpoint support missing ({exc})") from exc
-    try:
-        return checkpoint.load(spec)
-    except Exception as exc:  # CheckpointError, registry errors, corrupt files: all one line
-        raise OptimizerSpecError(f"cannot load optimizer {spec!r}: {_one_line(exc)}") from exc
-
-
-def _load_pretrained(name: str) -> tuple[Any, Any, Any]:
-    try:
-        from mnemosyne_core.pretrained import pretrained_theta
-    except ModuleNotFoundError as exc:
-        raise OptimizerSpecError(f"pretrained optimizer {name!r} is not available: {exc}") from exc
-    try:
-        return pretrained_theta(name)  # (theta, config, metadata)
-    except Exception as exc:  # PretrainedError, a missing or damaged shipped file
-        raise OptimizerSpecError(f"pretrained optimizer {name!r} is not available: {_one_line(exc)}") from exc
 
 
 def _one_line(exc: BaseException) -> str:
