@@ -51,3 +51,49 @@ def test_tls_server_with_bearer_token(cert, tmp_path):
 def test_tls_needs_cert_and_key(tmp_path):
     with pytest.raises(ValueError, match="both"):
         create_server(tmp_path, port=0, tls_cert=b"cert only")
+
+
+def test_grpcs_uris_trust_the_ca_in_the_environment(cert, tmp_path, monkeypatch):
+    """``train-policy --optimizer`` and ``meta-train --init-from`` load ``grpcs://`` URIs through
+    ``checkpoint.load``, which takes no CA argument: ``$MNEMOSYNE_REGISTRY_CA`` supplies it."""
+    import numpy as np
+
+    from mnemosyne_core import checkpoint
+    from mnemosyne_core.pretrained import PRETRAINED_DIR, pretrained_theta
+    from service.robotics.optimizers import OptimizerSpecError, resolve_optimizer
+
+    key, crt = cert
+    tls_srv, tls_port = create_server(tmp_path / "tls", port=0, tls_cert=crt.read_bytes(), tls_key=key.read_bytes())
+    plain_srv, plain_port = create_server(tmp_path / "plain", port=0)
+    tls_srv.start()
+    plain_srv.start()
+    try:
+        with RegistryClient(f"grpcs://127.0.0.1:{tls_port}", tls_ca=crt) as client:
+            client.publish(PRETRAINED_DIR / "default_v1.msgpack", "parent")
+        uri = f"grpcs://127.0.0.1:{tls_port}/parent"
+        monkeypatch.delenv("MNEMOSYNE_REGISTRY_CA", raising=False)
+        with pytest.raises(OptimizerSpecError, match="UNAVAILABLE"):  # the system roots don't trust it
+            resolve_optimizer(uri)
+
+        monkeypatch.setenv("MNEMOSYNE_REGISTRY_CA", str(crt))
+        _, info = resolve_optimizer(uri)
+        assert info["kind"] == "mnemosyne"
+        theta, _, _ = checkpoint.load(uri)
+        shipped, _, _ = pretrained_theta("default_v1")
+        assert all(np.array_equal(a, b) for a, b in zip(*map(jax_leaves, (theta, shipped)), strict=True))
+        # The CA applies to grpcs:// only: a plaintext target stays plaintext.
+        with RegistryClient(f"grpc://127.0.0.1:{plain_port}", timeout=5) as plain:
+            assert plain.list() is not None
+
+        monkeypatch.setenv("MNEMOSYNE_REGISTRY_CA", str(tmp_path / "missing.pem"))
+        with pytest.raises(OptimizerSpecError, match="cannot read MNEMOSYNE_REGISTRY_CA=.*missing.pem"):
+            resolve_optimizer(uri)
+    finally:
+        shutdown(tls_srv, grace=1)
+        shutdown(plain_srv, grace=1)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [jax.device_get(x) for x in jax.tree.leaves(tree)]

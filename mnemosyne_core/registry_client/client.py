@@ -8,7 +8,8 @@
 Unary calls have a deadline (``timeout`` seconds) and uploads one that grows
 with their size; downloads run until done or broken (then resume), watches
 until cancelled or their optional ``timeout``. The bearer token comes from ``token=`` or the
-``MNEMOSYNE_REGISTRY_TOKEN`` environment variable. Downloads are verified
+``MNEMOSYNE_REGISTRY_TOKEN`` environment variable; for ``grpcs://`` targets the CA to trust comes
+from ``tls_ca=`` or ``MNEMOSYNE_REGISTRY_CA`` (a PEM file), else the system roots. Downloads are verified
 against the version's sha256 and, when a stream breaks, resumed from the
 last byte received (pinned to the version number, so a moving alias can't
 mix two artifacts).
@@ -54,7 +55,8 @@ class RegistryClient:
         target: ``grpc://HOST:PORT``, ``grpcs://HOST:PORT`` (TLS) or ``HOST:PORT``.
         token: bearer token; default ``$MNEMOSYNE_REGISTRY_TOKEN`` (if set).
         tls_ca: PEM bytes or path of the CA to trust; implies TLS. ``grpcs://``
-            without it uses the system roots.
+            without it uses ``$MNEMOSYNE_REGISTRY_CA`` (a PEM file) if set, else the
+            system roots.
         timeout: deadline in seconds for unary calls.
     """
 
@@ -66,6 +68,17 @@ class RegistryClient:
         token = token if token is not None else os.environ.get("MNEMOSYNE_REGISTRY_TOKEN") or None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+        if tls_ca is None and tls:
+            # Only for grpcs://: a CA in the environment must not turn a plaintext
+            # grpc:// target into TLS. This is how URIs loaded through
+            # checkpoint.load (train-policy --optimizer, meta-train --init-from)
+            # reach a registry behind a private CA.
+            env_ca = os.environ.get("MNEMOSYNE_REGISTRY_CA") or None
+            try:
+                tls_ca = _read_ca(env_ca)
+            except OSError as exc:  # say which setting is wrong, not just "no such file"
+                raise RegistryClientError(
+                    "INVALID_ARGUMENT", f"cannot read MNEMOSYNE_REGISTRY_CA={env_ca!r}: {exc.strerror or exc}") from None
         ca = _read_ca(tls_ca)
         if tls or ca is not None:
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options)
