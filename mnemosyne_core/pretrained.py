@@ -67,14 +67,15 @@ def pretrained_theta(name: str = "default") -> tuple[Any, Any, dict[str, Any]]:
 def load_optimizer(spec: str) -> tuple[Any, Any, dict[str, Any]]:
     """``(theta, config, metadata)`` from a checkpoint path, a ``grpc://``/``grpcs://`` URI or a shipped name.
 
-    A spec that is a URI, an existing path or has a file suffix is read with
+    A spec that is a URI, an existing file or has a file suffix is read with
     :func:`mnemosyne_core.checkpoint.load` (``FileNotFoundError``/``CheckpointError``);
-    anything else names a shipped optimizer (``PretrainedError``). ``metadata["source"]``
+    anything else names a shipped optimizer (``PretrainedError``), so a directory
+    called e.g. ``default`` in the working directory does not hide the shipped one. ``metadata["source"]``
     says where it came from (the spec, or ``pretrained:NAME``) unless the checkpoint set it.
     """
     from mnemosyne_core import checkpoint
 
-    if spec.startswith(("grpc://", "grpcs://")) or pathlib.Path(spec).suffix or pathlib.Path(spec).exists():
+    if spec.startswith(("grpc://", "grpcs://")) or pathlib.Path(spec).suffix or pathlib.Path(spec).is_file():
         theta, config, meta = checkpoint.load(spec)
         source = spec
     else:

@@ -208,6 +208,14 @@ def test_optimizer_specs():
         assert resolve_optimizer(name)[1]["metadata"]["config_name"] in {"default", "robotics"}
 
 
+def test_shipped_name_is_not_hidden_by_a_directory(tmp_path, monkeypatch):
+    # e.g. a run folder called "robotics" in the working directory
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "robotics").mkdir()
+    _, info = resolve_optimizer("robotics")
+    assert info["metadata"]["source"] == "pretrained:robotics"
+
+
 def _run_cli(argv, capsys):
     code = cli.main(argv)
     captured = capsys.readouterr()
