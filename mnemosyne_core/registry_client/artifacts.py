@@ -106,8 +106,6 @@ def _same_architecture(checkpoint: Any, stored_spec: Any, config: Any, data: byt
     """
     if stored_spec == json.loads(json.dumps(checkpoint.architecture_spec(config))):
         return True
-    if not hasattr(checkpoint, "read_header"):
-        return False
     header, _ = checkpoint.read_header(data)
     return stored_spec == header["architecture"]  # already plain JSON, as parsed from the file
 
