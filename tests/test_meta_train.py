@@ -151,6 +151,53 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "estimator.kind" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["es", "pes", "backprop"])
+def test_outer_trainable_meta_trains_only_the_named_parts(tmp_path, kind):
+    """``outer.trainable = ["head.b_s", "head.w_s"]``: every other leaf of θ stays bit-for-bit, and ES
+    perturbs only the named coordinates (its noise is not spent on frozen ones)."""
+    base = _tiny(kind)
+    cfg = base.replace(outer=base.outer.__class__(learning_rate=0.05, trainable=("head.b_s", "head.w_s")))
+    assert MetaConfig.from_dict(cfg.to_dict()) == cfg
+    trainer = MetaTrainer(cfg, tmp_path / "masked")
+    start = trainer.theta
+    trainer.run(3)
+    paths = {jax.tree_util.keystr(p): (np.asarray(a), np.asarray(b)) for (p, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(start)[0], jax.tree.leaves(trainer.theta))}
+    trained = {k for k, (a, b) in paths.items() if a.tobytes() != b.tobytes()}
+    assert trained and trained <= {"['head']['b_s']", "['head']['w_s']"}, trained
+    # Without the restriction the same run changes the rest of θ too (so the check above can fail).
+    full = MetaTrainer(base.replace(outer=base.outer.__class__(learning_rate=0.05)), tmp_path / "full")
+    full.run(3)
+    moved = [a.tobytes() != b.tobytes() for a, b in zip(_leaves(start), _leaves(full.theta))]
+    assert sum(moved) > 2
+    if kind != "backprop":
+        from mnemosyne_core.meta.evaluator import population
+        from mnemosyne_core.meta.learned import LearnedOptimizer
+
+        flat, _ = LearnedOptimizer.ravel(start)
+        mask = LearnedOptimizer.trainable_mask(start, cfg.outer.trainable)
+        tickets, _ = trainer.estimator.ask(trainer.estimator.init(start), 0)
+        rows = np.asarray(population(flat, tickets, 0.02, mask=mask)) - np.asarray(flat)
+        assert int(mask.sum()) == 1 + start["head"]["w_s"].size
+        assert np.all(rows[:, np.asarray(mask) == 0] == 0) and np.all(rows[:, np.asarray(mask) == 1] != 0)
+
+
+def test_outer_trainable_typo_is_a_clear_error(tmp_path, capsys):
+    from mnemosyne_core.meta.config import ConfigError
+
+    cfg = _tiny().replace(outer=_tiny().outer.__class__(trainable=("head.w_z",)))
+    with pytest.raises(ConfigError, match=r"'head.w_z' names no part of θ.*cam, head, hpe"):
+        MetaTrainer(cfg, tmp_path / "a")
+    with pytest.raises(ConfigError, match="outer.trainable must be a list"):
+        MetaConfig.from_dict({"outer": {"trainable": "head"}})
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[outer]\ntrainable = ["hed"]\n[tasks]\nspecs = [{name = "quadratic"}]\n')
+    assert cli.main(["meta-train", "--config", str(bad), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'hed' names no part of θ" in err
+    assert not (tmp_path / "b" / "checkpoint.msgpack").exists()
+
+
 def test_publish_to_registry_with_lineage_and_best_alias(tmp_path):
     pytest.importorskip("grpc")
     from mnemosyne_core.registry_client import RegistryClient

@@ -130,19 +130,28 @@ class EstimatorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OuterConfig:
-    """The outer optimizer on θ: Adam (or SGD) with global-norm clipping."""
+    """The outer optimizer on θ: Adam (or SGD) with global-norm clipping.
+
+    ``trainable`` restricts meta-training to parts of θ, named by dotted path prefixes
+    (``["head"]``, ``["head.w_s", "head.b_s"]``); empty means all of θ. The rest stays
+    bit-for-bit as initialised (e.g. from ``--init-from``) and is not perturbed by ES
+    either, so the estimator's noise is spent on the parts being trained."""
 
     optimizer: str = "adam"
     learning_rate: float = 3e-3
     clip: float = 1.0
     b1: float = 0.9
     b2: float = 0.999
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"outer.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"outer.learning_rate must be > 0, got {self.learning_rate}")
+        if isinstance(self.trainable, str) or not all(isinstance(t, str) and t.strip(". ") for t in self.trainable):
+            raise ConfigError(f"outer.trainable must be a list of dotted θ paths such as ['head'], "
+                              f"got {self.trainable!r}")
 
 
 @dataclasses.dataclass(frozen=True)

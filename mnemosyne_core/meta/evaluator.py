@@ -129,17 +129,19 @@ def _unravel_key(theta: Any, unravel: Any) -> Any:
     return key
 
 
-def population(flat: jax.Array, tickets: Sequence[Ticket], sigma: float, *, antithetic: bool = True) -> jax.Array:
+def population(flat: jax.Array, tickets: Sequence[Ticket], sigma: float, *, antithetic: bool = True,
+               mask: jax.Array | None = None) -> jax.Array:
     """θ of every member, ``(len(tickets) * m, |θ|)``: rows ``2j, 2j+1`` = θ + σε_j, θ − σε_j.
 
     ε_j is regenerated from ``(run_key, generation, pair_id)`` of ticket j; the two
     halves get exactly opposite perturbations. Without ``antithetic``: one row θ per ticket.
+    ``mask`` (0/1 per coordinate, ``outer.trainable``) zeroes ε on frozen coordinates.
     """
     n = len(tickets)
     if not antithetic:
         return jnp.broadcast_to(flat, (n, flat.size))
     eps = jnp.stack([perturbations(t.run_key, t.generation, [t.pair_id], flat.size)[0] for t in tickets])
-    delta = sigma * eps
+    delta = sigma * eps if mask is None else sigma * eps * mask
     return jnp.stack([flat + delta, flat - delta], axis=1).reshape(2 * n, flat.size)
 
 
@@ -149,6 +151,7 @@ def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, 
     lo = learned_optimizer(config)
     flat, unravel = lo.ravel(theta)
     ukey = _unravel_key(theta, unravel)
+    mask = lo.trainable_mask(theta, config.outer.trainable)
     groups: dict[str, list[Ticket]] = defaultdict(list)
     for t in tickets:
         groups[t.task.to_json()].append(t)
@@ -160,7 +163,7 @@ def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, 
             real = len(block)
             block = block + [block[-1]] * (b - real)  # pad: every call has the same shapes
             try:
-                results.extend(_run_group(flat, ukey, spec_json, block, real, config, store, worker_id))
+                results.extend(_run_group(flat, ukey, spec_json, block, real, config, store, worker_id, mask))
             except Exception as exc:  # noqa: BLE001 - a poisoned task must not take the generation down
                 log.warning("task %s failed: %s: %s", spec_json, type(exc).__name__, exc)
                 for t in block[:real]:
@@ -172,7 +175,7 @@ def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, 
 
 
 def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], real: int, config: MetaConfig,
-               store: InnerStateStore | None, worker_id: int) -> list[PairResult]:
+               store: InnerStateStore | None, worker_id: int, mask: jax.Array | None = None) -> list[PairResult]:
     """Run one padded block; only the first ``real`` tickets are answered (and stored)."""
     est = config.estimator
     backprop = est.kind == "backprop"
@@ -180,7 +183,7 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     step, init, heldout = _compiled(spec_json, config, ukey, backprop)
     n = len(group)
 
-    thetas = population(flat, group, est.sigma, antithetic=not backprop)
+    thetas = population(flat, group, est.sigma, antithetic=not backprop, mask=mask)
 
     # Inner states: from the store when it holds this (episode, step), else a deterministic reset.
     statuses, episodes, states, fresh = [], [], [None] * n, []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,7 +27,17 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from mnemosyne_core.meta.config import ConfigError
+
 __all__ = ["KINDS", "LearnedOptimizer"]
+
+
+def _dotted(path: tuple) -> str:
+    """``"head.w_s"`` for the key path ``['head']['w_s']``."""
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return ".".join(parts)
 
 # kind -> (module, config class, init function, transform)
 KINDS: dict[str, tuple[str, str, str, str]] = {
@@ -81,6 +91,33 @@ class LearnedOptimizer:
     def ravel(theta: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
         flat, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta))
         return flat, unravel
+
+    @staticmethod
+    def trainable_leaves(theta: Any, trainable: Sequence[str]) -> Any:
+        """θ's structure with ``True`` on the leaves meta-training may change.
+
+        ``trainable`` holds dotted path prefixes (``"head"``, ``"cam.q.w"``); empty means
+        every leaf. A prefix that names no part of θ is a :class:`ConfigError` listing what
+        exists, so a typo cannot silently freeze the whole optimizer.
+        """
+        paths = [_dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(theta)[0]]
+        prefixes = [t.strip(". ") for t in trainable]
+        for t in prefixes:
+            if not any(p == t or p.startswith(t + ".") for p in paths):
+                tops = sorted({p.split(".")[0] for p in paths})
+                raise ConfigError(f"outer.trainable entry {t!r} names no part of θ; its parts start with "
+                                  f"{', '.join(tops)} (e.g. {paths[0]!r})")
+        flags = [not prefixes or any(p == t or p.startswith(t + ".") for t in prefixes) for p in paths]
+        return jax.tree.unflatten(jax.tree.structure(theta), flags)
+
+    @classmethod
+    def trainable_mask(cls, theta: Any, trainable: Sequence[str]) -> jax.Array | None:
+        """A float32 0/1 vector over :meth:`ravel` (θ)'s coordinates, or ``None`` when all are trained."""
+        if not trainable:
+            return None
+        flags = jax.tree.leaves(cls.trainable_leaves(theta, trainable))
+        sizes = [int(jnp.size(x)) for x in jax.tree.leaves(theta)]
+        return jnp.concatenate([jnp.full((n,), float(f), jnp.float32) for f, n in zip(flags, sizes)])
 
     @staticmethod
     def swap_theta(opt_state: Any, theta: Any) -> Any:

@@ -173,6 +173,9 @@ class MetaTrainer:
             _LO.ravel(self.theta)  # validates it is numeric
         else:
             self.theta = self.lo.init_theta(jax.random.fold_in(jax.random.key(self.seed), 2**31 - 1))
+        # outer.trainable: frozen leaves get a zero meta-gradient, so Adam/SGD leave them exactly as
+        # initialised (and the evaluator does not perturb them). Checked here: a typo fails before work.
+        self.trainable = self.lo.trainable_leaves(self.theta, self.config.outer.trainable)
         self.outer_state = self.outer.init(self.theta)
         self.est_state = self.estimator.init(self.theta)
         self.generation = 0
@@ -190,6 +193,7 @@ class MetaTrainer:
         tickets, self.est_state = self.estimator.ask(self.est_state, g)
         results = self.evaluator.evaluate(self.theta, tickets)
         grad, self.est_state, stats = self.estimator.tell(self.est_state, tickets, results, self.theta)
+        grad = jax.tree.map(lambda gr, t: gr if t else jnp.zeros_like(gr), grad, self.trainable)
         applied = False
         if _finite(grad) and stats.pairs_used > 0:
             updates, new_outer = self.outer.update(grad, self.outer_state, self.theta)
