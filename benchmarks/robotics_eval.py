@@ -19,6 +19,7 @@ Writes OUT/results.json, OUT/table.md and one return-vs-env-steps PNG per env.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -45,13 +46,36 @@ def run_one(env: str, spec: str, seed: int, scale: float, cache: dict, cache_pat
     re-run with more optimizers (e.g. once ``robotics`` ships) only trains the new ones."""
     from service.robotics.train import EvalPoint
 
-    key = f"{env}|{spec}|{seed}|{scale}"
+    key = f"{env}|{spec}{_content_tag(spec)}|{seed}|{scale}"
     if key not in cache:
         final, history = _train(env, spec, seed, scale)
         cache[key] = {"final": final, "history": [vars(p) for p in history]}
         cache_path.write_text(json.dumps(cache))
     hit = cache[key]
     return hit["final"], [EvalPoint(**p) for p in hit["history"]]
+
+
+@functools.cache
+def _content_tag(spec: str) -> str:
+    """``"@<sha256 of θ>"`` for a learned optimizer, ``""`` for ``adam:LR``/``sgd:LR``: a cached run
+    of ``robotics`` (or of a checkpoint path) is reused only while that name still holds the same θ,
+    so re-shipping an optimizer cannot leave its old numbers in the table."""
+    from service.robotics.optimizers import PLAIN
+
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in PLAIN and not rest.startswith("//"):
+        return ""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    from mnemosyne_core.pretrained import load_optimizer
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(load_optimizer(spec)[0]):
+        digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return "@" + digest.hexdigest()[:12]
 
 
 def _train(env: str, spec: str, seed: int, scale: float):
