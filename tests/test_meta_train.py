@@ -198,6 +198,34 @@ def test_outer_trainable_typo_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "b" / "checkpoint.msgpack").exists()
 
 
+def test_heldout_mean_is_the_mean_of_the_heldout_ratio_after_each_chunk():
+    """``meta_loss = "heldout_mean"`` over a 15-step unroll (K = 5) equals the mean of ``heldout``
+    over 5-, 10- and 15-step unrolls of the same inner problem (same keys, same ε)."""
+    import dataclasses
+
+    from mnemosyne_core.meta.evaluator import evaluate_tickets, learned_optimizer
+    from mnemosyne_core.meta.noise import run_key_data
+    from mnemosyne_core.meta.protocol import Ticket
+    from mnemosyne_core.tasks import TaskSpec
+
+    base = _tiny()
+    theta = learned_optimizer(base).init_theta(jax.random.key(1))
+    spec, rk = TaskSpec("quadratic", {"dim": 6, "condition": 10.0}), run_key_data(5)
+
+    def losses(meta_loss, length):
+        cfg = base.replace(estimator=dataclasses.replace(base.estimator, meta_loss=meta_loss))
+        (r,) = evaluate_tickets(theta, [Ticket(0, 3, spec, length, length, 0, 0, rk)], cfg)
+        assert r.status.usable
+        return np.array([r.loss_pos, r.loss_neg])
+
+    ends = np.stack([losses("heldout", n) for n in (5, 10, 15)])
+    curve = losses("heldout_mean", 15)
+    np.testing.assert_allclose(curve, ends.mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(curve, ends[-1], atol=1e-3)  # the early chunks do count
+    with pytest.raises(Exception, match="needs whole unrolls"):
+        MetaConfig.from_dict({"estimator": {"kind": "pes", "meta_loss": "heldout_mean"}})
+
+
 def test_publish_to_registry_with_lineage_and_best_alias(tmp_path):
     pytest.importorskip("grpc")
     from mnemosyne_core.registry_client import RegistryClient

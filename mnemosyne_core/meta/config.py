@@ -42,7 +42,7 @@ CONFIG_DIR = _SOURCE_CONFIGS if _SOURCE_CONFIGS.is_dir() else _PACKAGED_CONFIGS
 
 ESTIMATORS = ("es", "pes", "backprop")
 SHAPINGS = ("centered_rank", "zscore", "none")
-META_LOSSES = ("log_ratio", "heldout")
+META_LOSSES = ("log_ratio", "heldout", "heldout_mean")
 OPTIMIZER_KINDS = ("mnemosyne", "lstm")
 
 
@@ -99,6 +99,10 @@ class EstimatorConfig:
     """Gradient estimator. ``truncation`` is K: steps per compiled chunk (ES) or per
     truncation (PES, backprop). ``max_log_ratio`` caps log(loss/initial loss) per step
     so one diverging pair cannot dominate; ``grad_clip`` clips each backprop particle.
+    ``meta_loss``: ``log_ratio`` (mean log training-loss ratio over the unroll), ``heldout``
+    (log of the task's held-out loss after the unroll over the initial loss) or
+    ``heldout_mean`` (that log ratio after every K-step chunk, averaged: it rewards getting
+    there early, i.e. the area under the held-out curve, not only where the unroll ends).
     ``batch_pairs`` pairs share one vmapped call; groups are padded to it, so every task
     shape compiles exactly once (on CPU 1 is best; raise it on accelerators)."""
 
@@ -124,8 +128,8 @@ class EstimatorConfig:
             raise ConfigError("estimator.num_pairs, truncation and batch_pairs must be ≥ 1")
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"estimator.sigma must be > 0, got {self.sigma}")
-        if self.meta_loss == "heldout" and self.kind != "es":
-            raise ConfigError("estimator.meta_loss = 'heldout' needs whole unrolls: use kind = 'es'")
+        if self.meta_loss.startswith("heldout") and self.kind != "es":
+            raise ConfigError(f"estimator.meta_loss = {self.meta_loss!r} needs whole unrolls: use kind = 'es'")
 
 
 @dataclasses.dataclass(frozen=True)

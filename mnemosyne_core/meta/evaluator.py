@@ -214,15 +214,26 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     chunks = max(1, math.ceil(int((ends - starts).max()) / est.truncation))
     if backprop and chunks > 1:
         raise ValueError(f"truncated backprop tickets must have num_steps ≤ truncation ({est.truncation})")
+    def heldout_log_ratio(st):
+        return jnp.log(jnp.maximum(heldout(st), 1e-30) / jnp.maximum(st.loss0, 1e-30))
+
+    curve_sum = jnp.zeros((n * m,), jnp.float32)  # heldout_mean: Σ over chunks this member ran in
+    curve_count = jnp.zeros((n * m,), jnp.int32)
     for _ in range(chunks):
         if backprop:
             (_, (state, out)), grad = step(thetas, state, horizon)
         else:
             _, (state, out) = step(thetas, state, horizon)
         total, count, ok = total + out.log_ratio_sum, count + out.active_steps, ok & out.ok
+        if est.meta_loss == "heldout_mean":
+            ran = out.active_steps > 0  # a member whose unroll already ended is not counted again
+            curve_sum = curve_sum + jnp.where(ran, heldout_log_ratio(state), 0.0)
+            curve_count = curve_count + ran.astype(jnp.int32)
     meta = total / jnp.maximum(count, 1)
     if est.meta_loss == "heldout":
-        meta = jnp.log(jnp.maximum(heldout(state), 1e-30) / jnp.maximum(state.loss0, 1e-30))
+        meta = heldout_log_ratio(state)
+    elif est.meta_loss == "heldout_mean":
+        meta = curve_sum / jnp.maximum(curve_count, 1)
     ok = ok & jnp.isfinite(meta)
     if backprop:
         ok = ok & jnp.all(jnp.isfinite(grad), axis=-1)
