@@ -214,6 +214,7 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     chunks = max(1, math.ceil(int((ends - starts).max()) / est.truncation))
     if backprop and chunks > 1:
         raise ValueError(f"truncated backprop tickets must have num_steps ≤ truncation ({est.truncation})")
+
     def heldout_log_ratio(st):
         return jnp.log(jnp.maximum(heldout(st), 1e-30) / jnp.maximum(st.loss0, 1e-30))
 
