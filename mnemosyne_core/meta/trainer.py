@@ -144,8 +144,7 @@ class MetaTrainer:
     def __init__(self, config: MetaConfig, out_dir: str | os.PathLike, *, seed: int | None = None,
                  evaluator: Evaluator | None = None, init: tuple[Any, Any, dict] | None = None,
                  resume: bool = False):
-        self.out = pathlib.Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = pathlib.Path(out_dir)  # created once the config has been checked (below)
         self.seed = int(config.seed if seed is None else seed)
         self.config = config.replace(seed=self.seed)
         self.parent: dict[str, Any] = {}
@@ -184,6 +183,7 @@ class MetaTrainer:
             self.load_checkpoint()
         elif (self.out / CHECKPOINT).exists():
             raise ResumeError(f"{self.out} already holds a checkpoint: pass --resume or use another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ loop
     def step(self) -> dict[str, Any]:
