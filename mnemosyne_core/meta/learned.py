@@ -31,14 +31,6 @@ from mnemosyne_core.meta.config import ConfigError
 
 __all__ = ["KINDS", "LearnedOptimizer"]
 
-
-def _dotted(path: tuple) -> str:
-    """``"head.w_s"`` for the key path ``['head']['w_s']``."""
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return ".".join(parts)
-
 # kind -> (module, config class, init function, transform)
 KINDS: dict[str, tuple[str, str, str, str]] = {
     "mnemosyne": ("mnemosyne_core.mnemosyne", "MnemosyneConfig", "init_theta", "mnemosyne"),
@@ -100,14 +92,19 @@ class LearnedOptimizer:
         every leaf. A prefix that names no part of θ is a :class:`ConfigError` listing what
         exists, so a typo cannot silently freeze the whole optimizer.
         """
-        paths = [_dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(theta)[0]]
+        paths = [jax.tree_util.keystr(p, simple=True, separator=".")
+                 for p, _ in jax.tree_util.tree_flatten_with_path(theta)[0]]
         prefixes = [t.strip(". ") for t in trainable]
+
+        def under(path: str, prefix: str) -> bool:
+            return path == prefix or path.startswith(prefix + ".")
+
         for t in prefixes:
-            if not any(p == t or p.startswith(t + ".") for p in paths):
+            if not any(under(p, t) for p in paths):
                 tops = sorted({p.split(".")[0] for p in paths})
                 raise ConfigError(f"outer.trainable entry {t!r} names no part of θ; its parts start with "
                                   f"{', '.join(tops)} (e.g. {paths[0]!r})")
-        flags = [not prefixes or any(p == t or p.startswith(t + ".") for t in prefixes) for p in paths]
+        flags = [not prefixes or any(under(p, t) for t in prefixes) for p in paths]
         return jax.tree.unflatten(jax.tree.structure(theta), flags)
 
     @classmethod
