@@ -60,10 +60,9 @@ def _content_tag(spec: str) -> str:
     """``"@<sha256 of θ>"`` for a learned optimizer, ``""`` for ``adam:LR``/``sgd:LR``: a cached run
     of ``robotics`` (or of a checkpoint path) is reused only while that name still holds the same θ,
     so re-shipping an optimizer cannot leave its old numbers in the table."""
-    from service.robotics.optimizers import PLAIN
+    from service.robotics.optimizers import is_plain_spec
 
-    kind, sep, rest = spec.partition(":")
-    if sep and kind in PLAIN and not rest.startswith("//"):
+    if is_plain_spec(spec):
         return ""
     import hashlib
 

@@ -23,11 +23,17 @@ class OptimizerSpecError(ValueError):
     """An optimizer spec that cannot be turned into a usable optimizer (one line)."""
 
 
+def is_plain_spec(spec: str) -> bool:
+    """``adam:LR`` / ``sgd:LR`` (a hand-set optax optimizer), as opposed to a learned one."""
+    kind, sep, rest = spec.strip().partition(":")
+    return bool(sep) and kind in PLAIN and not rest.startswith("//")
+
+
 def resolve_optimizer(spec: str) -> tuple[optax.GradientTransformationExtraArgs, dict[str, Any]]:
     """Parse ``spec`` into an optax transformation and a JSON-able description."""
     spec = spec.strip()
-    kind, sep, rest = spec.partition(":")
-    if sep and kind in PLAIN and not rest.startswith("//"):
+    if is_plain_spec(spec):
+        kind, _, rest = spec.partition(":")
         try:
             lr = float(rest)
         except ValueError:
