@@ -175,11 +175,93 @@ def test_outer_trainable_meta_trains_only_the_named_parts(tmp_path, kind):
         from mnemosyne_core.meta.learned import LearnedOptimizer
 
         flat, _ = LearnedOptimizer.ravel(start)
-        mask = LearnedOptimizer.trainable_mask(start, cfg.outer.trainable)
+        mask = LearnedOptimizer.coordinate_scale(start, cfg.outer.trainable)
         tickets, _ = trainer.estimator.ask(trainer.estimator.init(start), 0)
         rows = np.asarray(population(flat, tickets, 0.02, mask=mask)) - np.asarray(flat)
         assert int(mask.sum()) == 1 + start["head"]["w_s"].size
         assert np.all(rows[:, np.asarray(mask) == 0] == 0) and np.all(rows[:, np.asarray(mask) == 1] != 0)
+
+
+class _LinearMetaLoss:
+    """An evaluator whose meta-loss is c·θ of each ES member, built by the real ``population``: the
+    ES estimate's expectation is then known in closed form (c in θ units, s·c in φ = θ/s units)."""
+
+    def __init__(self, config, c):
+        self.config, self.c = config, np.asarray(c, np.float64)
+
+    def evaluate(self, theta, tickets):
+        from mnemosyne_core.meta.evaluator import population
+        from mnemosyne_core.meta.learned import LearnedOptimizer
+        from mnemosyne_core.meta.protocol import PairResult, Status
+
+        flat, _ = LearnedOptimizer.ravel(theta)
+        mask = LearnedOptimizer.coordinate_scale(theta, self.config.outer.trainable, self.config.outer.scale)
+        losses = np.asarray(population(flat, tickets, self.config.estimator.sigma, mask=mask), np.float64) @ self.c
+        return [PairResult(t.generation, t.pair_id, losses[2 * j], losses[2 * j + 1], 1, Status.OK)
+                for j, t in enumerate(tickets)]
+
+
+def _scaled(base, **outer):
+    return base.replace(outer=base.outer.__class__(**{"optimizer": "sgd", "learning_rate": 1e-3, "clip": 1e9,
+                                                      **outer}))
+
+
+def test_outer_scale_is_meta_training_in_units_of_s(tmp_path):
+    """``outer.scale = {"head.b_s": 10}`` meta-trains b_s as φ = b_s/10: ES perturbs it by σ·10 and the outer
+    step moves it 10× as far, so on a linear meta-loss c·θ the expected SGD step is −lr·s²·c there and
+    −lr·c elsewhere (a missing or doubled factor gives 10× or 1000×, not 100×)."""
+    import dataclasses
+
+    base = _tiny()
+    base = base.replace(estimator=dataclasses.replace(base.estimator, num_pairs=1000, shaping="none"))
+    cfg = _scaled(base, scale={"head.b_s": 10.0})
+    trainer = MetaTrainer(cfg, tmp_path / "lin", evaluator=_LinearMetaLoss(cfg, 0))
+    start = trainer.theta
+    names = [jax.tree_util.keystr(p, simple=True, separator=".")
+             for p, x in jax.tree_util.tree_flatten_with_path(start)[0] for _ in range(np.size(x))]
+    c = np.zeros(len(names))
+    c[names.index("head.b_s")] = c[names.index("cam.tau_raw")] = 1.0
+    trainer.evaluator.c = c
+    trainer.step()
+    step_bs = float(start["head"]["b_s"] - trainer.theta["head"]["b_s"]) / 1e-3
+    step_tau = float(start["cam"]["tau_raw"] - trainer.theta["cam"]["tau_raw"]) / 1e-3
+    assert 80 < step_bs < 120, step_bs  # s² = 100 (Monte-Carlo sd ≈ 4.5 with 1000 pairs)
+    assert 0 < step_tau < 2.5, step_tau  # unscaled: 1 (sd ≈ 0.3)
+
+
+def test_outer_scale_backprop_step_is_s_squared_times_larger(tmp_path):
+    """Backprop's gradient is ∂L/∂θ; in φ = θ/s units it is s·∂L/∂θ and the φ step is s times larger in θ:
+    with SGD, the scaled leaf moves exactly s² as far as without a scale, the rest exactly as far."""
+    base = _tiny("backprop")
+    plain = MetaTrainer(_scaled(base), tmp_path / "plain")
+    scaled = MetaTrainer(_scaled(base, scale={"head": {"w_s": 4.0}}), tmp_path / "scaled")
+    assert scaled.config.outer.scale == (("head.w_s", 4.0),)  # a nested TOML table is a dotted path
+    start = plain.theta
+    plain.step()
+    scaled.step()
+    for path, a, b, s in zip(jax.tree_util.tree_flatten_with_path(start)[0], _leaves(plain.theta),
+                             _leaves(scaled.theta), jax.tree.leaves(scaled.scales)):
+        x0 = np.asarray(path[1])
+        assert s == (4.0 if jax.tree_util.keystr(path[0]) == "['head']['w_s']" else 1.0)
+        np.testing.assert_allclose(b - x0, s * s * (a - x0), rtol=1e-4, atol=1e-9)
+    moved = np.asarray(plain.theta["head"]["w_s"]) - np.asarray(start["head"]["w_s"])
+    assert np.abs(moved).max() > 0  # the comparison above is not 0 = 16·0
+
+
+def test_outer_scale_bad_values_are_clear_errors(tmp_path):
+    from mnemosyne_core.meta.config import ConfigError
+
+    for bad in ({"head.b_s": 0.0}, {"head.b_s": -1}, {"head.b_s": "big"}, {"head.b_s": float("inf")}, ["head"]):
+        with pytest.raises(ConfigError, match="outer.scale"):
+            MetaConfig.from_dict({"outer": {"scale": bad}})
+    with pytest.raises(ConfigError, match=r"outer.scale entry 'head.bs' names no part of θ"):
+        MetaTrainer(_scaled(_tiny(), scale={"head.bs": 2.0}), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    cfg = _scaled(_tiny(), scale={"head": 2.0, "head.b_s": 5.0}, trainable=("head", "cam"))
+    assert MetaConfig.from_dict(cfg.to_dict()) == cfg
+    scales = MetaTrainer(cfg, tmp_path / "b").scales  # longest prefix wins; frozen leaves are 0
+    assert scales["head"]["b_s"] == 5.0 and scales["head"]["w_s"] == 2.0 and scales["cam"]["tau_raw"] == 1.0
+    assert all(s == 0.0 for s in jax.tree.leaves(scales["hpe"]))
 
 
 def test_outer_trainable_typo_is_a_clear_error(tmp_path, capsys):

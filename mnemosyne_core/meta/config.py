@@ -139,7 +139,14 @@ class OuterConfig:
     ``trainable`` restricts meta-training to parts of θ, named by dotted path prefixes
     (``["head"]``, ``["head.w_s", "head.b_s"]``); empty means all of θ. The rest stays
     bit-for-bit as initialised (e.g. from ``--init-from``) and is not perturbed by ES
-    either, so the estimator's noise is spent on the parts being trained."""
+    either, so the estimator's noise is spent on the parts being trained.
+
+    ``scale`` maps dotted path prefixes to a factor ``s > 0`` (the longest matching prefix
+    wins, 1 elsewhere): those coordinates are meta-trained in units of ``s``, i.e. as
+    φ = θ/s. ES/PES perturb them by σ·s and the outer step moves them ``s`` times as far.
+    Parts of θ that need different noise levels (a few gain numbers that only show an
+    effect beyond a policy-gradient run's chaos, next to hundreds of network weights that
+    need small σ) then train in one run. ``{}`` (the default) changes nothing."""
 
     optimizer: str = "adam"
     learning_rate: float = 3e-3
@@ -147,8 +154,10 @@ class OuterConfig:
     b1: float = 0.9
     b2: float = 0.999
     trainable: tuple[str, ...] = ()
+    scale: Any = ()  # frozen (prefix, factor) pairs; a TOML table {"head.b_s" = 10.0}
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _scale_pairs(self.scale))
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"outer.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if not self.learning_rate > 0:
@@ -156,6 +165,33 @@ class OuterConfig:
         if isinstance(self.trainable, str) or not all(isinstance(t, str) and t.strip(". ") for t in self.trainable):
             raise ConfigError(f"outer.trainable must be a list of dotted θ paths such as ['head'], "
                               f"got {self.trainable!r}")
+
+
+def _scale_pairs(value: Any) -> tuple[tuple[str, float], ...]:
+    """``outer.scale`` as sorted ``(dotted prefix, factor)`` pairs; nested tables
+    (``scale = {head = {b_s = 10}}``, as TOML reads unquoted dotted keys) are flattened."""
+    table = _thaw(value) if isinstance(value, tuple) else value
+    if table in ([], ()):
+        table = {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"outer.scale must be a table of dotted θ paths to factors such as "
+                          f"{{\"head.b_s\" = 10.0}}, got {value!r}")
+    flat: dict[str, float] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+            return
+        path = prefix.strip(". ")
+        if isinstance(node, bool) or not isinstance(node, (int, float)) or not (
+                math.isfinite(node) and node > 0) or not path:
+            raise ConfigError(f"outer.scale[{prefix!r}] must be a finite factor > 0 "
+                              f"(use outer.trainable to freeze a part), got {node!r}")
+        flat[path] = float(node)
+
+    walk("", table)
+    return tuple(sorted(flat.items()))
 
 
 @dataclasses.dataclass(frozen=True)

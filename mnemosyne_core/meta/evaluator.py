@@ -135,7 +135,8 @@ def population(flat: jax.Array, tickets: Sequence[Ticket], sigma: float, *, anti
 
     ε_j is regenerated from ``(run_key, generation, pair_id)`` of ticket j; the two
     halves get exactly opposite perturbations. Without ``antithetic``: one row θ per ticket.
-    ``mask`` (0/1 per coordinate, ``outer.trainable``) zeroes ε on frozen coordinates.
+    ``mask`` (per coordinate: ``outer.scale``'s factor, 0 where ``outer.trainable`` freezes)
+    scales ε, so frozen coordinates are not perturbed and scaled ones by σ·s.
     """
     n = len(tickets)
     if not antithetic:
@@ -151,7 +152,7 @@ def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, 
     lo = learned_optimizer(config)
     flat, unravel = lo.ravel(theta)
     ukey = _unravel_key(theta, unravel)
-    mask = lo.trainable_mask(theta, config.outer.trainable)
+    mask = lo.coordinate_scale(theta, config.outer.trainable, config.outer.scale)
     groups: dict[str, list[Ticket]] = defaultdict(list)
     for t in tickets:
         groups[t.task.to_json()].append(t)

@@ -85,36 +85,64 @@ class LearnedOptimizer:
         return flat, unravel
 
     @staticmethod
-    def trainable_leaves(theta: Any, trainable: Sequence[str]) -> Any:
+    def _paths(theta: Any) -> list[str]:
+        return [jax.tree_util.keystr(p, simple=True, separator=".")
+                for p, _ in jax.tree_util.tree_flatten_with_path(theta)[0]]
+
+    @staticmethod
+    def _under(path: str, prefix: str) -> bool:
+        return path == prefix or path.startswith(prefix + ".")
+
+    @classmethod
+    def _check_prefixes(cls, paths: Sequence[str], prefixes: Sequence[str], what: str) -> None:
+        # A typo must not silently freeze (or leave unscaled) part of the optimizer.
+        for t in prefixes:
+            if not any(cls._under(p, t) for p in paths):
+                tops = sorted({p.split(".")[0] for p in paths})
+                raise ConfigError(f"{what} entry {t!r} names no part of θ; its parts start with "
+                                  f"{', '.join(tops)} (e.g. {paths[0]!r})")
+
+    @classmethod
+    def trainable_leaves(cls, theta: Any, trainable: Sequence[str]) -> Any:
         """θ's structure with ``True`` on the leaves meta-training may change.
 
         ``trainable`` holds dotted path prefixes (``"head"``, ``"cam.q.w"``); empty means
         every leaf. A prefix that names no part of θ is a :class:`ConfigError` listing what
         exists, so a typo cannot silently freeze the whole optimizer.
         """
-        paths = [jax.tree_util.keystr(p, simple=True, separator=".")
-                 for p, _ in jax.tree_util.tree_flatten_with_path(theta)[0]]
+        paths = cls._paths(theta)
         prefixes = [t.strip(". ") for t in trainable]
-
-        def under(path: str, prefix: str) -> bool:
-            return path == prefix or path.startswith(prefix + ".")
-
-        for t in prefixes:
-            if not any(under(p, t) for p in paths):
-                tops = sorted({p.split(".")[0] for p in paths})
-                raise ConfigError(f"outer.trainable entry {t!r} names no part of θ; its parts start with "
-                                  f"{', '.join(tops)} (e.g. {paths[0]!r})")
-        flags = [not prefixes or any(under(p, t) for t in prefixes) for p in paths]
+        cls._check_prefixes(paths, prefixes, "outer.trainable")
+        flags = [not prefixes or any(cls._under(p, t) for t in prefixes) for p in paths]
         return jax.tree.unflatten(jax.tree.structure(theta), flags)
 
     @classmethod
-    def trainable_mask(cls, theta: Any, trainable: Sequence[str]) -> jax.Array | None:
-        """A float32 0/1 vector over :meth:`ravel` (θ)'s coordinates, or ``None`` when all are trained."""
-        if not trainable:
-            return None
+    def leaf_scales(cls, theta: Any, trainable: Sequence[str], scale: Sequence[tuple[str, float]] = ()) -> Any:
+        """θ's structure with each leaf's meta-training scale ``s`` (a float; 0 = frozen).
+
+        ``scale`` holds ``(dotted prefix, factor)`` pairs (``outer.scale``); the longest
+        prefix matching a leaf sets its factor, 1 elsewhere; leaves outside ``trainable``
+        get 0. Unknown prefixes are a :class:`ConfigError`, as for ``trainable``.
+        """
         flags = jax.tree.leaves(cls.trainable_leaves(theta, trainable))
+        paths = cls._paths(theta)
+        cls._check_prefixes(paths, [t for t, _ in scale], "outer.scale")
+        out = []
+        for path, flag in zip(paths, flags):
+            hits = [(len(t), f) for t, f in scale if cls._under(path, t)]
+            out.append(0.0 if not flag else max(hits)[1] if hits else 1.0)
+        return jax.tree.unflatten(jax.tree.structure(theta), out)
+
+    @classmethod
+    def coordinate_scale(cls, theta: Any, trainable: Sequence[str],
+                         scale: Sequence[tuple[str, float]] = ()) -> jax.Array | None:
+        """:meth:`leaf_scales` as a float32 vector over :meth:`ravel` (θ)'s coordinates,
+        or ``None`` when every coordinate is trained at scale 1 (ES then skips the multiply)."""
+        if not trainable and not scale:
+            return None
+        factors = jax.tree.leaves(cls.leaf_scales(theta, trainable, scale))
         sizes = [int(jnp.size(x)) for x in jax.tree.leaves(theta)]
-        return jnp.concatenate([jnp.full((n,), float(f), jnp.float32) for f, n in zip(flags, sizes)])
+        return jnp.concatenate([jnp.full((n,), f, jnp.float32) for f, n in zip(factors, sizes)])
 
     @staticmethod
     def swap_theta(opt_state: Any, theta: Any) -> Any:

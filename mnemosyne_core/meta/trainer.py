@@ -172,9 +172,10 @@ class MetaTrainer:
             _LO.ravel(self.theta)  # validates it is numeric
         else:
             self.theta = self.lo.init_theta(jax.random.fold_in(jax.random.key(self.seed), 2**31 - 1))
-        # outer.trainable: frozen leaves get a zero meta-gradient, so Adam/SGD leave them exactly as
-        # initialised (and the evaluator does not perturb them). Checked here: a typo fails before work.
-        self.trainable = self.lo.trainable_leaves(self.theta, self.config.outer.trainable)
+        # outer.trainable / outer.scale: each leaf is meta-trained as φ = θ/s. Frozen leaves (s = 0)
+        # get a zero meta-gradient, so Adam/SGD leave them exactly as initialised (and the evaluator
+        # does not perturb them). Checked here: a typo fails before any work or folder.
+        self.scales = self.lo.leaf_scales(self.theta, self.config.outer.trainable, self.config.outer.scale)
         self.outer_state = self.outer.init(self.theta)
         self.est_state = self.estimator.init(self.theta)
         self.generation = 0
@@ -193,10 +194,15 @@ class MetaTrainer:
         tickets, self.est_state = self.estimator.ask(self.est_state, g)
         results = self.evaluator.evaluate(self.theta, tickets)
         grad, self.est_state, stats = self.estimator.tell(self.est_state, tickets, results, self.theta)
-        grad = jax.tree.map(lambda gr, t: gr if t else jnp.zeros_like(gr), grad, self.trainable)
+        # ES/PES perturb θ by σ·s·ε, so their estimate is already ∂L/∂φ; backprop's is ∂L/∂θ = ∂L/∂φ / s.
+        to_phi = self.config.estimator.kind == "backprop"
+        grad = jax.tree.map(lambda gr, s: (gr * s if to_phi else gr) if s else jnp.zeros_like(gr),
+                            grad, self.scales)
         applied = False
         if _finite(grad) and stats.pairs_used > 0:
             updates, new_outer = self.outer.update(grad, self.outer_state, self.theta)
+            # A step of u in φ is a step of s·u in θ (s = 1 multiplies exactly: no scale, no change).
+            updates = jax.tree.map(lambda u, s: u * s, updates, self.scales)
             new_theta = optax.apply_updates(self.theta, updates)
             if _finite(new_theta):  # θ never becomes non-finite
                 self.theta, self.outer_state, applied = new_theta, new_outer, True
