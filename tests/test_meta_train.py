@@ -177,7 +177,7 @@ def test_outer_trainable_meta_trains_only_the_named_parts(tmp_path, kind):
         flat, _ = LearnedOptimizer.ravel(start)
         mask = LearnedOptimizer.coordinate_scale(start, cfg.outer.trainable)
         tickets, _ = trainer.estimator.ask(trainer.estimator.init(start), 0)
-        rows = np.asarray(population(flat, tickets, 0.02, mask=mask)) - np.asarray(flat)
+        rows = np.asarray(population(flat, tickets, 0.02, scale=mask)) - np.asarray(flat)
         assert int(mask.sum()) == 1 + start["head"]["w_s"].size
         assert np.all(rows[:, np.asarray(mask) == 0] == 0) and np.all(rows[:, np.asarray(mask) == 1] != 0)
 
@@ -196,7 +196,7 @@ class _LinearMetaLoss:
 
         flat, _ = LearnedOptimizer.ravel(theta)
         mask = LearnedOptimizer.coordinate_scale(theta, self.config.outer.trainable, self.config.outer.scale)
-        losses = np.asarray(population(flat, tickets, self.config.estimator.sigma, mask=mask), np.float64) @ self.c
+        losses = np.asarray(population(flat, tickets, self.config.estimator.sigma, scale=mask), np.float64) @ self.c
         return [PairResult(t.generation, t.pair_id, losses[2 * j], losses[2 * j + 1], 1, Status.OK)
                 for j, t in enumerate(tickets)]
 

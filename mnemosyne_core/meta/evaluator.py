@@ -130,19 +130,19 @@ def _unravel_key(theta: Any, unravel: Any) -> Any:
 
 
 def population(flat: jax.Array, tickets: Sequence[Ticket], sigma: float, *, antithetic: bool = True,
-               mask: jax.Array | None = None) -> jax.Array:
+               scale: jax.Array | None = None) -> jax.Array:
     """θ of every member, ``(len(tickets) * m, |θ|)``: rows ``2j, 2j+1`` = θ + σε_j, θ − σε_j.
 
     ε_j is regenerated from ``(run_key, generation, pair_id)`` of ticket j; the two
     halves get exactly opposite perturbations. Without ``antithetic``: one row θ per ticket.
-    ``mask`` (per coordinate: ``outer.scale``'s factor, 0 where ``outer.trainable`` freezes)
-    scales ε, so frozen coordinates are not perturbed and scaled ones by σ·s.
+    ``scale`` (per coordinate: ``outer.scale``'s factor, 0 where ``outer.trainable`` freezes)
+    multiplies ε, so frozen coordinates are not perturbed and scaled ones by σ·s.
     """
     n = len(tickets)
     if not antithetic:
         return jnp.broadcast_to(flat, (n, flat.size))
     eps = jnp.stack([perturbations(t.run_key, t.generation, [t.pair_id], flat.size)[0] for t in tickets])
-    delta = sigma * eps if mask is None else sigma * eps * mask
+    delta = sigma * eps if scale is None else sigma * eps * scale
     return jnp.stack([flat + delta, flat - delta], axis=1).reshape(2 * n, flat.size)
 
 
@@ -152,7 +152,7 @@ def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, 
     lo = learned_optimizer(config)
     flat, unravel = lo.ravel(theta)
     ukey = _unravel_key(theta, unravel)
-    mask = lo.coordinate_scale(theta, config.outer.trainable, config.outer.scale)
+    scale = lo.coordinate_scale(theta, config.outer.trainable, config.outer.scale)
     groups: dict[str, list[Ticket]] = defaultdict(list)
     for t in tickets:
         groups[t.task.to_json()].append(t)
@@ -164,7 +164,7 @@ def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, 
             real = len(block)
             block = block + [block[-1]] * (b - real)  # pad: every call has the same shapes
             try:
-                results.extend(_run_group(flat, ukey, spec_json, block, real, config, store, worker_id, mask))
+                results.extend(_run_group(flat, ukey, spec_json, block, real, config, store, worker_id, scale))
             except Exception as exc:  # noqa: BLE001 - a poisoned task must not take the generation down
                 log.warning("task %s failed: %s: %s", spec_json, type(exc).__name__, exc)
                 for t in block[:real]:
@@ -176,7 +176,7 @@ def evaluate_tickets(theta: Any, tickets: Sequence[Ticket], config: MetaConfig, 
 
 
 def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], real: int, config: MetaConfig,
-               store: InnerStateStore | None, worker_id: int, mask: jax.Array | None = None) -> list[PairResult]:
+               store: InnerStateStore | None, worker_id: int, scale: jax.Array | None = None) -> list[PairResult]:
     """Run one padded block; only the first ``real`` tickets are answered (and stored)."""
     est = config.estimator
     backprop = est.kind == "backprop"
@@ -184,7 +184,7 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     step, init, heldout = _compiled(spec_json, config, ukey, backprop)
     n = len(group)
 
-    thetas = population(flat, group, est.sigma, antithetic=not backprop, mask=mask)
+    thetas = population(flat, group, est.sigma, antithetic=not backprop, scale=scale)
 
     # Inner states: from the store when it holds this (episode, step), else a deterministic reset.
     statuses, episodes, states, fresh = [], [], [None] * n, []
