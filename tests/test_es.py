@@ -115,6 +115,33 @@ def test_ask_is_a_pure_function_of_seed_and_generation():
     assert all(10 <= n <= 200 and n % 10 == 0 for n in lengths) and len(lengths) > 1
 
 
+def test_a_spec_can_set_its_own_unroll_range():
+    """``unroll = [min, max]`` on one spec: its episodes draw lengths there, the others keep the global
+    range, and the draws of a config without it are unchanged (same keys, same lengths)."""
+    from mnemosyne_core.meta.config import ConfigError
+
+    specs = [{"name": "quadratic", "kwargs": {"dim": 3}}, {"name": "quadratic", "kwargs": {"dim": 5}}]
+    tasks = {"min_unroll": 20, "max_unroll": 60}
+    plain = MetaConfig.from_dict({"estimator": {"num_pairs": 64, "truncation": 10}, "tasks": {"specs": specs, **tasks}})
+    long = MetaConfig.from_dict({"estimator": {"num_pairs": 64, "truncation": 10}, "tasks": {
+        "specs": [specs[0], {**specs[1], "unroll": [300, 600]}], **tasks}})
+    assert MetaConfig.from_dict(long.to_dict()) == long and "unroll" not in plain.tasks.spec_dicts[1]
+    a, _ = ES(plain, RK).ask({}, 3)
+    b, _ = ES(long, RK).ask({}, 3)
+    assert [t.task for t in a] == [t.task for t in b]
+    for ta, tb in zip(a, b):
+        if tb.task.kwargs["dim"] == 3:
+            assert tb.unroll_length == ta.unroll_length and 20 <= ta.unroll_length <= 60
+        else:
+            assert 300 <= tb.unroll_length <= 600 and tb.unroll_length % 10 == 0
+    assert {t.task.kwargs["dim"] for t in b} == {3, 5}
+    for bad in ([600, 300], [0, 5], "long", [1.5, 3]):
+        with pytest.raises(ConfigError, match="unroll must be"):
+            MetaConfig.from_dict({"tasks": {"specs": [{"name": "quadratic", "unroll": bad}]}})
+    with pytest.raises(ConfigError, match="each tasks.specs entry"):
+        MetaConfig.from_dict({"tasks": {"specs": [{"name": "quadratic", "unrol": [1, 2]}]}})
+
+
 @pytest.mark.parametrize("kind", ["centered_rank", "zscore", "none"])
 def test_fitness_shaping_is_monotone(kind):
     x = np.array([0.3, -2.0, 5.0, 1.0, 0.31])

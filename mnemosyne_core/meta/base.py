@@ -108,14 +108,17 @@ def match_results(generation: int, tickets: Sequence[Ticket], results: Sequence[
 class EpisodeSampler:
     """Samples ``(task spec, unroll length)`` for a pair's new episode from a key.
 
-    Lengths are log-uniform in ``[min_unroll, max_unroll]`` rounded up to a
-    multiple of the truncation K (the unroll-length curriculum).
+    Lengths are log-uniform in ``[min_unroll, max_unroll]`` (or the spec's own
+    ``unroll`` range) rounded up to a multiple of the truncation K (the unroll-length
+    curriculum).
     """
 
     def __init__(self, tasks: TaskConfig, truncation: int):
         self.tasks = tasks
         self.truncation = truncation
+        default = (tasks.min_unroll, tasks.max_unroll)
         self._specs = [TaskSpec(d["name"], d.get("kwargs", {})) for d in tasks.spec_dicts]
+        self._ranges = [tuple(d["unroll"]) if "unroll" in d else default for d in tasks.spec_dicts]
         self._family = None
         if tasks.family:
             from mnemosyne_core.tasks.families import FAMILIES
@@ -127,10 +130,11 @@ class EpisodeSampler:
     def __call__(self, key: jax.Array) -> tuple[TaskSpec, int]:
         k_task, k_len = jax.random.split(key)
         if self._family is not None:
-            spec = self._family.sample(k_task)
+            spec, (lo, hi) = self._family.sample(k_task), (self.tasks.min_unroll, self.tasks.max_unroll)
         else:
-            spec = self._specs[int(jax.random.randint(k_task, (), 0, len(self._specs)))]
-        lo, hi = math.log(self.tasks.min_unroll), math.log(self.tasks.max_unroll)
+            i = int(jax.random.randint(k_task, (), 0, len(self._specs)))
+            spec, (lo, hi) = self._specs[i], self._ranges[i]
+        lo, hi = math.log(lo), math.log(hi)
         u = float(jax.random.uniform(k_len, (), jnp.float32))
         length = round(math.exp(lo + (hi - lo) * u))
         k = self.truncation

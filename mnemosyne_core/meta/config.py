@@ -198,8 +198,11 @@ def _scale_pairs(value: Any) -> tuple[tuple[str, float], ...]:
 class TaskConfig:
     """Task distribution: a family from ``tasks.families.FAMILIES`` or explicit ``specs``
     (list of ``{name, kwargs}`` sampled uniformly). Unroll lengths are log-uniform in
-    ``[min_unroll, max_unroll]`` (rounded up to a multiple of K); each parameter tensor is
-    reparameterised by a log-uniform factor in ``param_scale`` (task augmentation)."""
+    ``[min_unroll, max_unroll]`` (rounded up to a multiple of K); a spec may set its own
+    ``unroll = [min, max]``, for a task whose progress only shows after a longer horizon (a
+    Pendulum policy gets worse than a random one for its first ~150 small-batch updates, so
+    shorter unrolls reward not learning at all). Each parameter tensor is reparameterised by a
+    log-uniform factor in ``param_scale`` (task augmentation)."""
 
     family: str = ""
     specs: Any = ()
@@ -212,17 +215,29 @@ class TaskConfig:
             raise ConfigError("[tasks] needs exactly one of 'family' or 'specs'")
         if not 1 <= self.min_unroll <= self.max_unroll:
             raise ConfigError(f"need 1 ≤ min_unroll ≤ max_unroll, got {self.min_unroll}, {self.max_unroll}")
+        for d in self.spec_dicts:
+            if "unroll" in d:
+                u = d["unroll"]
+                if not (isinstance(u, list) and len(u) == 2 and all(isinstance(x, int) for x in u)
+                        and 1 <= u[0] <= u[1]):
+                    raise ConfigError(f"tasks.specs {d['name']!r}: unroll must be [min, max] with 1 ≤ min ≤ max, "
+                                      f"got {u!r}")
         lo, hi = self.param_scale
         if not 0 < lo <= hi:
             raise ConfigError(f"tasks.param_scale must be 0 < lo ≤ hi, got {self.param_scale}")
 
     @property
     def spec_dicts(self) -> list[dict[str, Any]]:
+        """``{name, kwargs}`` per spec, plus ``unroll`` where the spec sets its own range (absent
+        otherwise, so a config without it keeps its task-family fingerprint)."""
         out = []
         for s in self.specs:
             d = _thaw(s)
+            if not isinstance(d, dict) or "name" not in d or set(d) - {"name", "kwargs", "unroll"}:
+                raise ConfigError(f"each tasks.specs entry is {{name, kwargs, unroll}}, got {d!r}")
             # An empty table freezes to () and thaws to []: kwargs are always a table.
-            out.append({"name": d["name"], "kwargs": d.get("kwargs") or {}})
+            out.append({"name": d["name"], "kwargs": d.get("kwargs") or {}}
+                       | ({"unroll": d["unroll"]} if "unroll" in d else {}))
         return out
 
 
