@@ -200,8 +200,8 @@ class TaskConfig:
     (list of ``{name, kwargs}`` sampled uniformly). Unroll lengths are log-uniform in
     ``[min_unroll, max_unroll]`` (rounded up to a multiple of K); a spec may set its own
     ``unroll = [min, max]``, for a task whose progress only shows after a longer horizon (a
-    Pendulum policy gets worse than a random one for its first ~150 small-batch updates, so
-    shorter unrolls reward not learning at all). Each parameter tensor is reparameterised by a
+    Pendulum policy's greedy return falls below the untrained one's for its first 150–200
+    updates, so shorter unrolls reward the optimizer that moves least). Each parameter tensor is reparameterised by a
     log-uniform factor in ``param_scale`` (task augmentation)."""
 
     family: str = ""
@@ -218,7 +218,7 @@ class TaskConfig:
         for d in self.spec_dicts:
             if "unroll" in d:
                 u = d["unroll"]
-                if not (isinstance(u, list) and len(u) == 2 and all(isinstance(x, int) for x in u)
+                if not (isinstance(u, list) and len(u) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in u)
                         and 1 <= u[0] <= u[1]):
                     raise ConfigError(f"tasks.specs {d['name']!r}: unroll must be [min, max] with 1 ≤ min ≤ max, "
                                       f"got {u!r}")
