@@ -241,6 +241,8 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
         ok = ok & jnp.all(jnp.isfinite(grad), axis=-1)
         norms = jnp.linalg.norm(grad, axis=-1, keepdims=True)
         grad = grad * jnp.minimum(1.0, est.grad_clip / jnp.maximum(norms, 1e-12))
+        if scale is not None:  # ∂L/∂φ = s·∂L/∂θ (φ = θ/s): every estimator hands the trainer ∂L/∂φ
+            grad = grad * scale
         grad = np.asarray(grad, np.float32)
 
     meta_np = np.asarray(meta, np.float64).reshape(n, m)

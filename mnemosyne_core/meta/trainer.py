@@ -194,10 +194,8 @@ class MetaTrainer:
         tickets, self.est_state = self.estimator.ask(self.est_state, g)
         results = self.evaluator.evaluate(self.theta, tickets)
         grad, self.est_state, stats = self.estimator.tell(self.est_state, tickets, results, self.theta)
-        # ES/PES perturb θ by σ·s·ε, so their estimate is already ∂L/∂φ; backprop's is ∂L/∂θ = ∂L/∂φ / s.
-        to_phi = self.config.estimator.kind == "backprop"
-        grad = jax.tree.map(lambda gr, s: (gr * s if to_phi else gr) if s else jnp.zeros_like(gr),
-                            grad, self.scales)
+        # Every estimator's grad is ∂L/∂φ: ES/PES perturb θ by σ·s·ε, and the evaluator scales backprop's.
+        grad = jax.tree.map(lambda gr, s: gr if s else jnp.zeros_like(gr), grad, self.scales)
         applied = False
         if _finite(grad) and stats.pairs_used > 0:
             updates, new_outer = self.outer.update(grad, self.outer_state, self.theta)
