@@ -201,8 +201,8 @@ class TaskConfig:
     ``[min_unroll, max_unroll]`` (rounded up to a multiple of K); a spec may set its own
     ``unroll = [min, max]``, for a task whose progress only shows after a longer horizon (a
     Pendulum policy's greedy return falls below the untrained one's for its first 150–200
-    updates, so shorter unrolls reward the optimizer that moves least). Each parameter tensor is reparameterised by a
-    log-uniform factor in ``param_scale`` (task augmentation)."""
+    updates, so shorter unrolls reward the optimizer that moves least). Each parameter tensor
+    is reparameterised by a log-uniform factor in ``param_scale`` (task augmentation)."""
 
     family: str = ""
     specs: Any = ()
@@ -218,8 +218,8 @@ class TaskConfig:
         for d in self.spec_dicts:
             if "unroll" in d:
                 u = d["unroll"]
-                if not (isinstance(u, list) and len(u) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in u)
-                        and 1 <= u[0] <= u[1]):
+                whole = isinstance(u, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in u)
+                if not (whole and len(u) == 2 and 1 <= u[0] <= u[1]):
                     raise ConfigError(f"tasks.specs {d['name']!r}: unroll must be [min, max] with 1 ≤ min ≤ max, "
                                       f"got {u!r}")
         lo, hi = self.param_scale

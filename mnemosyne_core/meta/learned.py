@@ -110,11 +110,13 @@ class LearnedOptimizer:
         every leaf. A prefix that names no part of θ is a :class:`ConfigError` listing what
         exists, so a typo cannot silently freeze the whole optimizer.
         """
-        paths = cls._paths(theta)
+        return jax.tree.unflatten(jax.tree.structure(theta), cls._trainable_flags(cls._paths(theta), trainable))
+
+    @classmethod
+    def _trainable_flags(cls, paths: Sequence[str], trainable: Sequence[str]) -> list[bool]:
         prefixes = [t.strip(". ") for t in trainable]
         cls._check_prefixes(paths, prefixes, "outer.trainable")
-        flags = [not prefixes or any(cls._under(p, t) for t in prefixes) for p in paths]
-        return jax.tree.unflatten(jax.tree.structure(theta), flags)
+        return [not prefixes or any(cls._under(p, t) for t in prefixes) for p in paths]
 
     @classmethod
     def leaf_scales(cls, theta: Any, trainable: Sequence[str], scale: Sequence[tuple[str, float]] = ()) -> Any:
@@ -124,8 +126,8 @@ class LearnedOptimizer:
         prefix matching a leaf sets its factor, 1 elsewhere; leaves outside ``trainable``
         get 0. Unknown prefixes are a :class:`ConfigError`, as for ``trainable``.
         """
-        flags = jax.tree.leaves(cls.trainable_leaves(theta, trainable))
         paths = cls._paths(theta)
+        flags = cls._trainable_flags(paths, trainable)
         cls._check_prefixes(paths, [t for t, _ in scale], "outer.scale")
         out = []
         for path, flag in zip(paths, flags):
