@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnemosyne_core.meta.base import shape_fitness
+from mnemosyne_core.meta.base import shape_fitness, shaped_differences
 from mnemosyne_core.meta.config import MetaConfig
 from mnemosyne_core.meta.es import ES, es_gradient
 from mnemosyne_core.meta.evaluator import population
@@ -190,3 +190,36 @@ def test_tell_uses_a_swapped_in_noise_sum():
     routed, _, _ = es.tell({}, tickets, results, theta)
     assert calls == [([3] * n, list(range(n)), 4)]
     np.testing.assert_array_equal(np.asarray(routed["w"]), np.asarray(plain["w"]))
+
+
+def test_shape_within_task_ranks_each_tasks_pairs_among_themselves():
+    """Task B's meta-losses sit inside task A's wide spread: ranked together, B's pairs get
+    rank differences of 1 however consistently + beats −; ranked within their task, B's pairs
+    are weighted exactly as if B had been the only task (up to the 1/m of the mean)."""
+    a, b = TaskSpec("quadratic", {"dim": 4}), TaskSpec("quadratic", {"dim": 8})
+    lp = np.array([0.0, 100.0, 200.0, 300.0, 150.000, 150.001, 150.002, 150.003])
+    ln = np.array([40.0, 140.0, 240.0, 340.0, 150.0005, 150.0015, 150.0025, 150.0035])
+    n = lp.size
+    tickets = [Ticket(0, i, a if i < 4 else b, 10, 10, 0, 0, RK) for i in range(n)]
+    results = [PairResult(0, i, lp[i], ln[i], 20, Status.OK) for i in range(n)]
+    theta = {"w": jnp.zeros(3)}
+
+    def weights(within, ts=tickets, rs=results):
+        seen = []
+        es = ES(_cfg(num_pairs=len(ts), sigma=0.5, shape_within_task=within), RK)
+        es.noise_sum = lambda rk, gens, ids, w, dim: (seen.append(np.asarray(w)), jnp.zeros(dim))[1]
+        es.tell({}, ts, rs, theta)
+        return seen[0]
+
+    b_alone = weights(False, tickets[4:], results[4:])  # 4 pairs of B only
+    mixed = weights(False)
+    within = weights(True)
+    np.testing.assert_allclose(within[4:] * n, b_alone * 4)
+    assert np.all(np.abs(mixed[4:] * n) < np.abs(b_alone * 4) / 2)  # cross-task ranks shrink B's pairs
+    assert np.all(within < 0)  # + is the better half in every pair of both tasks
+    np.testing.assert_allclose(within[:4], shaped_differences(lp[:4], ln[:4], "centered_rank") / (2 * n * 0.5))
+
+
+def test_shaped_differences_rejects_mislabelled_pairs():
+    with pytest.raises(ValueError, match="3 group labels for 2 pairs"):
+        shaped_differences([0.0, 1.0], [1.0, 0.0], "centered_rank", ["a", "b", "c"])

@@ -28,7 +28,8 @@ from mnemosyne_core.meta.noise import TAG_TASK, sub_key
 from mnemosyne_core.meta.protocol import PairResult, Ticket
 from mnemosyne_core.tasks import TaskSpec
 
-__all__ = ["EpisodeSampler", "Estimator", "EstimatorBase", "TellStats", "match_results", "shape_fitness"]
+__all__ = ["EpisodeSampler", "Estimator", "EstimatorBase", "TellStats", "match_results", "shape_fitness",
+           "shaped_differences"]
 
 
 @dataclasses.dataclass
@@ -89,6 +90,38 @@ def shape_fitness(values: np.ndarray, kind: str) -> np.ndarray:
         ranks[np.argsort(values, kind="stable")] = np.arange(values.size)
         return ranks / (values.size - 1) - 0.5
     raise ValueError(f"unknown fitness shaping {kind!r}")
+
+
+def shaped_differences(loss_pos: Any, loss_neg: Any, kind: str, groups: Sequence[str] | None = None) -> np.ndarray:
+    """``f(L⁺_i) − f(L⁻_i)`` per pair, shaping over all 2m losses or within each group.
+
+    ``groups`` labels each pair (e.g. its task spec). Ranks or z-scores across
+    different tasks compare incomparable numbers: one task's meta-losses may sit
+    inside another's wider spread, so its pairs get small rank differences however
+    clearly their two halves differ. Shaping within each group gives every task's
+    pairs the same [-0.5, 0.5] range, so a pair's weight says how it did among pairs
+    of its own task.
+
+    Example:
+        >>> shaped_differences([0.0, 10.0], [1.0, 11.0], "centered_rank").round(3).tolist()
+        [-0.333, -0.333]
+        >>> shaped_differences([0.0, 10.0], [1.0, 11.0], "centered_rank", ["a", "b"]).tolist()
+        [-1.0, -1.0]
+    """
+    lp, ln = np.asarray(loss_pos, np.float64), np.asarray(loss_neg, np.float64)
+    m = lp.size
+    if groups is None:
+        both = shape_fitness(np.concatenate([lp, ln]), kind)
+        return both[:m] - both[m:]
+    if len(groups) != m:
+        raise ValueError(f"{len(groups)} group labels for {m} pairs")
+    out = np.zeros(m, np.float64)
+    labels = np.asarray(list(groups), dtype=object)
+    for g in dict.fromkeys(groups):  # first-seen order: deterministic
+        idx = np.flatnonzero(labels == g)
+        both = shape_fitness(np.concatenate([lp[idx], ln[idx]]), kind)
+        out[idx] = both[:idx.size] - both[idx.size:]
+    return out
 
 
 def match_results(generation: int, tickets: Sequence[Ticket], results: Sequence[PairResult]

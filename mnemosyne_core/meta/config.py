@@ -103,13 +103,16 @@ class EstimatorConfig:
     (log of the task's held-out loss after the unroll over the initial loss) or
     ``heldout_mean`` (that log ratio after every K-step chunk, averaged: it rewards getting
     there early, i.e. the area under the held-out curve, not only where the unroll ends).
-    ``batch_pairs`` pairs share one vmapped call; groups are padded to it, so every task
+    ``shape_within_task`` applies ``shaping`` to each task spec's pairs separately: losses of
+    different tasks are not comparable, so ranking them together lets the task with the widest
+    spread decide the step. ``batch_pairs`` pairs share one vmapped call; groups are padded to it, so every task
     shape compiles exactly once (on CPU 1 is best; raise it on accelerators)."""
 
     kind: str = "es"
     num_pairs: int = 8
     sigma: float = 0.02
     shaping: str = "centered_rank"
+    shape_within_task: bool = False  # shape each task's pairs among themselves (mixed-task families)
     meta_loss: str = "log_ratio"
     truncation: int = 25
     max_log_ratio: float = 2.0

@@ -7,7 +7,8 @@ two losses back and rebuilds ε_i from ``(run_key, g, i)``::
     ĝ = Σ_i (f(L⁺_i) − f(L⁻_i)) ε_i / (2 m σ)
 
 over the ``m`` usable pairs, where ``f`` is the fitness shaping (centered ranks
-over all 2m losses by default; ``"none"`` gives the plain unbiased estimator of
+over all 2m losses by default, or within each task's pairs with
+``estimator.shape_within_task``; ``"none"`` gives the plain unbiased estimator of
 ∇ E[L(θ+σε)]). A pair with a NaN/Inf half is dropped whole.
 
 Example:
@@ -35,7 +36,7 @@ from mnemosyne_core.meta.base import (
     EstimatorBase,
     TellStats,
     match_results,
-    shape_fitness,
+    shaped_differences,
 )
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.noise import perturbations
@@ -63,8 +64,12 @@ def weighted_noise_sum(run_key: Sequence[int], generations: Sequence[int], pair_
 
 def es_gradient(run_key: Sequence[int], generation: int, pair_ids: Sequence[int], loss_pos: Any,
                 loss_neg: Any, sigma: float, shaping: str, dim: int,
-                noise_sum: Callable[..., Any] | None = None) -> jax.Array:
+                noise_sum: Callable[..., Any] | None = None,
+                groups: Sequence[str] | None = None) -> jax.Array:
     """The antithetic ES estimate (flat, float32) from ids and losses only.
+
+    ``groups`` (one label per pair, e.g. its task spec) shapes fitness within each
+    group instead of over all pairs (:func:`~mnemosyne_core.meta.base.shaped_differences`).
 
     ``noise_sum`` replaces :func:`weighted_noise_sum` (same signature), e.g. with a
     distributed version that rebuilds ε on the workers (``RayEvaluator.weighted_noise_sum``).
@@ -73,8 +78,7 @@ def es_gradient(run_key: Sequence[int], generation: int, pair_ids: Sequence[int]
     m = len(pair_ids)
     if m == 0:
         return jnp.zeros((dim,), jnp.float32)
-    both = shape_fitness(np.concatenate([np.asarray(loss_pos), np.asarray(loss_neg)]), shaping)
-    w = (both[:m] - both[m:]) / (2.0 * m * sigma)
+    w = shaped_differences(loss_pos, loss_neg, shaping, groups) / (2.0 * m * sigma)
     return (noise_sum or weighted_noise_sum)(run_key, [generation] * m, pair_ids, w, dim)
 
 
@@ -103,7 +107,11 @@ class ES(EstimatorBase):
         lp = np.array([by_pair[i].loss_pos for i in used])
         ln = np.array([by_pair[i].loss_neg for i in used])
         est = self.config.estimator
+        groups = None
+        if est.shape_within_task:
+            spec_of = {t.pair_id: t.task.to_json() for t in tickets}
+            groups = [spec_of[i] for i in used]
         grad = es_gradient(self.run_key, generation, used, lp, ln, est.sigma, est.shaping, flat.size,
-                           noise_sum=self.noise_sum)
+                           noise_sum=self.noise_sum, groups=groups)
         stats = TellStats.of(float(np.mean((lp + ln) / 2)) if used else float("nan"), tickets, used, by_pair, stale)
         return unravel(grad), state, stats

@@ -32,7 +32,7 @@ import numpy as np
 from mnemosyne_core.meta.base import (
     TellStats,
     match_results,
-    shape_fitness,
+    shaped_differences,
 )
 from mnemosyne_core.meta.episodes import EpisodeBook, EpisodeEstimator
 from mnemosyne_core.meta.learned import LearnedOptimizer
@@ -72,9 +72,10 @@ class PES(EpisodeEstimator):
         est = self.config.estimator
         grad = np.zeros(flat.size, np.float32)
         if used:
-            both = shape_fitness(np.concatenate([lp, ln]), est.shaping)
+            spec_of = {t.pair_id: t.task.to_json() for t in tickets}
+            groups = [spec_of[i] for i in used] if est.shape_within_task else None
             m = len(used)
-            w = ((both[:m] - both[m:]) / (2.0 * m * est.sigma)).astype(np.float32)
+            w = (shaped_differences(lp, ln, est.shaping, groups) / (2.0 * m * est.sigma)).astype(np.float32)
             grad = w @ xi[used]
         stats = TellStats.of(float(np.mean((lp + ln) / 2)) if used else float("nan"), tickets, used, by_pair, stale)
         return unravel(grad), state, stats
