@@ -223,3 +223,19 @@ def test_shape_within_task_ranks_each_tasks_pairs_among_themselves():
 def test_shaped_differences_rejects_mislabelled_pairs():
     with pytest.raises(ValueError, match="3 group labels for 2 pairs"):
         shaped_differences([0.0, 1.0], [1.0, 0.0], "centered_rank", ["a", "b", "c"])
+
+
+def test_tell_reports_the_meta_loss_of_each_task():
+    """Dropped pairs do not count; repeated spec names fall back to the spec JSON as the label."""
+    q, m = TaskSpec("quadratic", {"dim": 4}), TaskSpec("digits_mlp")
+    tickets = [Ticket(0, i, q if i % 2 == 0 else m, 10, 10, 0, 0, RK) for i in range(5)]
+    lp, ln = [1.0, 5.0, 3.0, np.nan, 2.0], [2.0, 7.0, 4.0, 0.0, 3.0]
+    results = [PairResult(0, i, lp[i], ln[i], 20, Status.OK if i != 3 else Status.NAN) for i in range(5)]
+    _, _, stats = ES(_cfg(num_pairs=5), RK).tell({}, tickets, results, {"w": jnp.zeros(2)})
+    row = stats.as_dict()
+    assert row["meta_loss/quadratic"] == pytest.approx((1.5 + 3.5 + 2.5) / 3)
+    assert row["meta_loss/digits_mlp"] == pytest.approx(6.0)  # pair 3 (NaN half) dropped
+    assert row["meta_loss"] == pytest.approx((1.5 + 6.0 + 3.5 + 2.5) / 4)
+    twin = [Ticket(0, i, q if i == 0 else TaskSpec("quadratic", {"dim": 8}), 10, 10, 0, 0, RK) for i in range(2)]
+    _, _, stats = ES(_cfg(num_pairs=2), RK).tell({}, twin, results[:2], {"w": jnp.zeros(2)})
+    assert sorted(stats.meta_loss_by_task) == sorted(t.task.to_json() for t in twin)

@@ -131,6 +131,7 @@ def test_cli_meta_train_writes_outputs_and_resumes(tmp_path, capsys):
     assert [r["generation"] for r in rows] == [0, 1, 2]
     for key in ("meta_loss", "pairs_used", "pairs_dropped", "seconds", "inner_steps_per_s"):
         assert key in rows[0]
+    assert all(r["meta_loss/quadratic"] == pytest.approx(r["meta_loss"]) for r in rows)  # the only task
     assert list((out / "tb").iterdir())
     from mnemosyne_core import checkpoint
 

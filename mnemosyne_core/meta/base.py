@@ -39,20 +39,34 @@ class TellStats:
     pairs_dropped: int
     inner_steps: int
     stale_results: int = 0
+    # Mean meta-loss of the usable pairs per task (by spec name, or spec JSON where names repeat):
+    # in a mixed family the overall mean hides one task getting worse while another improves.
+    meta_loss_by_task: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """A flat metrics row: ``meta_loss/<task>`` keys beside the totals."""
+        row = dataclasses.asdict(self)
+        row.update({f"meta_loss/{k}": v for k, v in row.pop("meta_loss_by_task").items()})
+        return row
 
     @classmethod
     def of(cls, meta_loss: float, tickets: Sequence[Ticket], used: Sequence[int],
            by_pair: dict[int, PairResult], stale: int) -> TellStats:
         """Counts for one generation: ``used`` pairs out of ``tickets``, inner steps of every answer."""
+        spec_of = {t.pair_id: t.task for t in tickets}
+        names = {spec.name for spec in spec_of.values()}
+        repeated = len(names) < len({spec.to_json() for spec in spec_of.values()})
+        per_task: dict[str, list[float]] = {}
+        for i in used:
+            label = spec_of[i].to_json() if repeated else spec_of[i].name
+            per_task.setdefault(label, []).append((by_pair[i].loss_pos + by_pair[i].loss_neg) / 2)
         return cls(
             meta_loss=meta_loss,
             pairs_used=len(used),
             pairs_dropped=len(tickets) - len(used),
             inner_steps=int(sum(r.inner_steps for r in by_pair.values())),
             stale_results=stale,
+            meta_loss_by_task={k: float(np.mean(v)) for k, v in sorted(per_task.items())},
         )
 
 
