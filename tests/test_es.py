@@ -220,6 +220,12 @@ def test_shape_within_task_ranks_each_tasks_pairs_among_themselves():
     np.testing.assert_allclose(within[:4], shaped_differences(lp[:4], ln[:4], "centered_rank") / (2 * n * 0.5))
 
 
+def test_shape_within_task_must_be_a_boolean():
+    from mnemosyne_core.meta.config import ConfigError
+    with pytest.raises(ConfigError, match="shape_within_task must be true or false, got 'yes'"):
+        _cfg(shape_within_task="yes")
+
+
 def test_shaped_differences_rejects_mislabelled_pairs():
     with pytest.raises(ValueError, match="3 group labels for 2 pairs"):
         shaped_differences([0.0, 1.0], [1.0, 0.0], "centered_rank", ["a", "b", "c"])

@@ -129,3 +129,33 @@ def test_local_evaluator_keeps_inner_state_and_resets_deterministically():
     assert all(a.loss_pos != b.loss_pos for a, b in zip(kept, lost))
     again = LocalEvaluator(cfg).evaluate(theta, t1)
     assert lost == again  # deterministic reset
+
+
+def test_shape_within_task_ranks_each_tasks_pairs_among_themselves():
+    from mnemosyne_core.meta.base import shaped_differences
+
+    def config(within):
+        return MetaConfig.from_dict({
+            "estimator": {"kind": "pes", "num_pairs": 8, "sigma": 0.05, "truncation": 1,
+                          "shape_within_task": within},
+            "tasks": {"specs": [{"name": "quadratic", "kwargs": {"dim": 2}},
+                                {"name": "quadratic", "kwargs": {"dim": 3}}], "min_unroll": 5, "max_unroll": 5}})
+
+    theta = {"w": np.zeros(2, np.float32)}
+    grads = {}
+    for within in (False, True):
+        pes = PES(config(within), RK)
+        state = pes.init(theta)
+        tickets, state = pes.ask(state, 0)
+        dims = [t.task.kwargs["dim"] for t in tickets]
+        assert set(dims) == {2, 3}  # both tasks drawn, so the grouping matters
+        # dim-2 pairs spread over [0, 70]; dim-3 pairs sit inside that spread, + always better.
+        lp = np.array([10.0 * i if d == 2 else 35.0 + 0.01 * i for i, d in enumerate(dims)])
+        ln = lp + np.where(np.array(dims) == 2, 5.0, 0.001)
+        results = [PairResult(0, t.pair_id, lp[j], ln[j], 1, Status.OK) for j, t in enumerate(tickets)]
+        grads[within], _, _ = pes.tell(state, tickets, results, theta)
+        eps = np.asarray(perturbations(RK, 0, [t.pair_id for t in tickets], 2))
+        groups = [t.task.to_json() for t in tickets] if within else None
+        want = shaped_differences(lp, ln, "centered_rank", groups) / (2 * 8 * 0.05) @ eps
+        np.testing.assert_allclose(np.asarray(grads[within]["w"]), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(grads[True]["w"]), np.asarray(grads[False]["w"]))

@@ -125,6 +125,8 @@ class EstimatorConfig:
             raise ConfigError(f"estimator.kind must be one of {ESTIMATORS}, got {self.kind!r}")
         if self.shaping not in SHAPINGS:
             raise ConfigError(f"estimator.shaping must be one of {SHAPINGS}, got {self.shaping!r}")
+        if not isinstance(self.shape_within_task, bool):  # a TOML "true" string would read as truthy
+            raise ConfigError(f"estimator.shape_within_task must be true or false, got {self.shape_within_task!r}")
         if self.meta_loss not in META_LOSSES:
             raise ConfigError(f"estimator.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
         if self.num_pairs < 1 or self.truncation < 1 or self.batch_pairs < 1:
