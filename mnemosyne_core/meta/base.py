@@ -29,7 +29,7 @@ from mnemosyne_core.meta.protocol import PairResult, Ticket
 from mnemosyne_core.tasks import TaskSpec
 
 __all__ = ["EpisodeSampler", "Estimator", "EstimatorBase", "TellStats", "match_results", "shape_fitness",
-           "shaped_differences"]
+           "shaped_differences", "task_labels"]
 
 
 @dataclasses.dataclass
@@ -136,6 +136,12 @@ def shaped_differences(loss_pos: Any, loss_neg: Any, kind: str, groups: Sequence
         both = shape_fitness(np.concatenate([lp[idx], ln[idx]]), kind)
         out[idx] = both[:idx.size] - both[idx.size:]
     return out
+
+
+def task_labels(tickets: Sequence[Ticket], pair_ids: Sequence[int]) -> list[str]:
+    """The task spec (as JSON) of each of ``pair_ids``: the groups of ``shape_within_task``."""
+    spec_of = {t.pair_id: t.task.to_json() for t in tickets}
+    return [spec_of[i] for i in pair_ids]
 
 
 def match_results(generation: int, tickets: Sequence[Ticket], results: Sequence[PairResult]

@@ -105,8 +105,8 @@ class EstimatorConfig:
     there early, i.e. the area under the held-out curve, not only where the unroll ends).
     ``shape_within_task`` applies ``shaping`` to each task spec's pairs separately: losses of
     different tasks are not comparable, so ranking them together lets the task with the widest
-    spread decide the step. ``batch_pairs`` pairs share one vmapped call; groups are padded to it, so every task
-    shape compiles exactly once (on CPU 1 is best; raise it on accelerators)."""
+    spread decide the step. ``batch_pairs`` pairs share one vmapped call; groups are padded to
+    it, so every task shape compiles exactly once (on CPU 1 is best; raise it on accelerators)."""
 
     kind: str = "es"
     num_pairs: int = 8

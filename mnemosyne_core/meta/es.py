@@ -37,6 +37,7 @@ from mnemosyne_core.meta.base import (
     TellStats,
     match_results,
     shaped_differences,
+    task_labels,
 )
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.noise import perturbations
@@ -107,10 +108,7 @@ class ES(EstimatorBase):
         lp = np.array([by_pair[i].loss_pos for i in used])
         ln = np.array([by_pair[i].loss_neg for i in used])
         est = self.config.estimator
-        groups = None
-        if est.shape_within_task:
-            spec_of = {t.pair_id: t.task.to_json() for t in tickets}
-            groups = [spec_of[i] for i in used]
+        groups = task_labels(tickets, used) if est.shape_within_task else None
         grad = es_gradient(self.run_key, generation, used, lp, ln, est.sigma, est.shaping, flat.size,
                            noise_sum=self.noise_sum, groups=groups)
         stats = TellStats.of(float(np.mean((lp + ln) / 2)) if used else float("nan"), tickets, used, by_pair, stale)

@@ -33,6 +33,7 @@ from mnemosyne_core.meta.base import (
     TellStats,
     match_results,
     shaped_differences,
+    task_labels,
 )
 from mnemosyne_core.meta.episodes import EpisodeBook, EpisodeEstimator
 from mnemosyne_core.meta.learned import LearnedOptimizer
@@ -72,8 +73,7 @@ class PES(EpisodeEstimator):
         est = self.config.estimator
         grad = np.zeros(flat.size, np.float32)
         if used:
-            spec_of = {t.pair_id: t.task.to_json() for t in tickets}
-            groups = [spec_of[i] for i in used] if est.shape_within_task else None
+            groups = task_labels(tickets, used) if est.shape_within_task else None
             m = len(used)
             w = (shaped_differences(lp, ln, est.shaping, groups) / (2.0 * m * est.sigma)).astype(np.float32)
             grad = w @ xi[used]
