@@ -13,7 +13,9 @@ generation) than one meta-trained from a fresh θ with the same config and budge
 
 "Final return" is the greedy return averaged over the last three evaluation
 points (8 fixed evaluation episodes each), which damps single-episode RL noise;
-"convergence" is the mean return over all evaluation points of a run.
+"convergence" is the mean return over all evaluation points of a run (speed and
+stability together); "updates to threshold" is speed alone: the first evaluation
+point whose return reaches the env's threshold in ``SOLVE``.
 Writes OUT/results.json, OUT/table.md and one return-vs-env-steps PNG per env.
 """
 from __future__ import annotations
@@ -39,6 +41,18 @@ BUDGETS = {
 }
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # brackets every env's best
 EVALS = 12  # evaluation points per run
+# env -> (return threshold, dense phase): "updates to reach" the threshold is the first evaluation
+# point at or above it. The mean-return convergence column mixes speed with stability (a policy that
+# solves a task early and then degrades scores like one that is slow); this column is speed alone.
+# Acrobot (threshold −100, Gym's reward_threshold for Acrobot-v1) is solved before the main runs'
+# first evaluation point (update 12), so it is timed in separate runs of its first 36 updates
+# evaluated every 2; Pendulum and CartPole are timed on the main runs' evaluation points.
+SOLVE = {
+    "gymnax_pendulum": (-200.0, None),
+    "gymnax_cartpole": (200.0, None),
+    "gymnax_acrobot": (-100.0, (36, 2)),
+    "brax_inverted_pendulum": (500.0, None),
+}
 
 
 def run_one(env: str, spec: str, seed: int, scale: float, cache: dict, cache_path: pathlib.Path):
@@ -77,16 +91,41 @@ def _content_tag(spec: str) -> str:
     return "@" + digest.hexdigest()[:12]
 
 
-def _train(env: str, spec: str, seed: int, scale: float):
+def updates_to_reach(env: str, spec: str, seed: int, history, cache: dict, cache_path: pathlib.Path) -> float:
+    """Policy updates until the greedy return first reaches ``SOLVE[env]``'s threshold (``inf`` if
+    it never does within the run), from ``history`` or, for an env with a dense phase, from its own
+    run of that phase (cached like the main runs)."""
+    threshold, dense = SOLVE[env]
+    if dense is not None:
+        updates, every = dense
+        key = f"solve|{env}|{spec}{_content_tag(spec)}|{seed}|{updates}|{every}"
+        if key not in cache:
+            cache[key] = [vars(p) for p in _train(env, spec, seed, 1.0, updates=updates, every=every)[1]]
+            cache_path.write_text(json.dumps(cache))
+        from service.robotics.train import EvalPoint
+
+        history = [EvalPoint(**p) for p in cache[key]]
+    return next((float(p.update) for p in history if p.episode_return >= threshold), math.inf)
+
+
+def median_updates(xs: list[float]) -> str:
+    """Median updates to the threshold and how many runs reached it, e.g. ``"6 (20/20)"``."""
+    med, reached = statistics.median(xs), sum(map(math.isfinite, xs))
+    return (f"{med:.0f}" if math.isfinite(med) else "never") + f" ({reached}/{len(xs)})"
+
+
+def _train(env: str, spec: str, seed: int, scale: float, *, updates: int | None = None,
+           every: int | None = None):
     from mnemosyne_core.tasks import make_task
     from service.robotics.optimizers import resolve_optimizer
     from service.robotics.train import train_policy
 
-    kwargs, updates = BUDGETS[env]
-    updates = max(EVALS, int(updates * scale))
+    kwargs, budget = BUDGETS[env]
+    if updates is None:
+        updates = max(EVALS, int(budget * scale))
     task = make_task({"name": env, "kwargs": kwargs})
     tx, _ = resolve_optimizer(spec)
-    result = train_policy(task, tx, steps=updates, seed=seed, eval_every=max(1, updates // EVALS))
+    result = train_policy(task, tx, steps=updates, seed=seed, eval_every=every or max(1, updates // EVALS))
     tail = [p.episode_return for p in result.history[-3:]]
     final = statistics.fmean(tail) if all(math.isfinite(r) for r in tail) else math.nan
     return final, result.history
@@ -159,16 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         results[env] = {}
         curves = {}
         for label, spec in optimizers.items():
-            finals, aucs, t0 = [], [], time.time()
+            finals, aucs, solves, t0 = [], [], [], time.time()
             for seed in range(args.seeds):
                 final, history = run_one(env, spec, seed, args.scale, cache, cache_path)
                 finals.append(final)
                 # Mean return over all evaluation points: higher = converged sooner.
                 aucs.append(statistics.fmean(p.episode_return for p in history[1:]))
+                solves.append(updates_to_reach(env, spec, seed, history, cache, cache_path))
                 if seed == 0:
                     curves[label] = history
             env_steps = history[-1].env_steps
-            results[env][label] = {"finals": finals, "env_steps": env_steps, "aucs": aucs}
+            results[env][label] = {"finals": finals, "env_steps": env_steps, "aucs": aucs,
+                                   "updates_to_threshold": solves}
             print(f"{env:24s} {label:12s} {mean_std(finals):>18s}  ({env_steps} env steps, "
                   f"{time.time() - t0:.0f} s)", flush=True)
         plot_returns(args.out / f"{env}.png", curves, f"{env}: return vs env steps (seed 0)")
@@ -202,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         labels = ["default", "robotics", rows["adam_best"]["label"], "adam:0.001", *extra_labels]
         table.append(f"| {env} |" + "".join(
             f" {mean_std(rows[x]['aucs'])} |" if x in rows else " n/a |" for x in labels))
+
+    table.append("\nSpeed alone — policy updates until the greedy return first reaches the threshold, "
+                 "median over seeds (runs that reached it):\n")
+    table.append("| env | threshold | default | robotics | Adam best | Adam 1e-3 |" +
+                 "".join(f" {x} |" for x in extra_labels))
+    table.append("|" + "---|" * (6 + len(extra_labels)))
+    for env, rows in results.items():
+        labels = ["default", "robotics", rows["adam_best"]["label"], "adam:0.001", *extra_labels]
+        table.append(f"| {env} | {SOLVE[env][0]:g} |" + "".join(
+            f" {median_updates(rows[x]['updates_to_threshold'])} |" if x in rows else " n/a |" for x in labels))
 
     meta = meta_convergence({k: pathlib.Path(v) for k, v in (m.split("=", 1) for m in args.meta_runs)})
     for label, m in meta.items():
