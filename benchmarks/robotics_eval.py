@@ -55,14 +55,17 @@ SOLVE = {
 }
 
 
-def run_one(env: str, spec: str, seed: int, scale: float, cache: dict, cache_path: pathlib.Path):
+def run_one(env: str, spec: str, seed: int, scale: float, cache: dict, cache_path: pathlib.Path,
+            *, phase: tuple[int, int] | None = None):
     """Final return and history of one run; finished runs are cached in OUT/runs.json so a
-    re-run with more optimizers (e.g. once ``robotics`` ships) only trains the new ones."""
+    re-run with more optimizers (e.g. once ``robotics`` ships) only trains the new ones.
+    ``phase = (updates, every)`` runs only the first ``updates``, evaluated every ``every``."""
     from service.robotics.train import EvalPoint
 
-    key = f"{env}|{spec}{_content_tag(spec)}|{seed}|{scale}"
+    key = f"{env}|{spec}{_content_tag(spec)}|{seed}|{scale}" + (f"|{phase[0]}|{phase[1]}" if phase else "")
     if key not in cache:
-        final, history = _train(env, spec, seed, scale)
+        updates, every = phase or (None, None)
+        final, history = _train(env, spec, seed, scale, updates=updates, every=every)
         cache[key] = {"final": final, "history": [vars(p) for p in history]}
         cache_path.write_text(json.dumps(cache))
     hit = cache[key]
@@ -97,14 +100,7 @@ def updates_to_reach(env: str, spec: str, seed: int, history, cache: dict, cache
     run of that phase (cached like the main runs)."""
     threshold, dense = SOLVE[env]
     if dense is not None:
-        updates, every = dense
-        key = f"solve|{env}|{spec}{_content_tag(spec)}|{seed}|{updates}|{every}"
-        if key not in cache:
-            cache[key] = [vars(p) for p in _train(env, spec, seed, 1.0, updates=updates, every=every)[1]]
-            cache_path.write_text(json.dumps(cache))
-        from service.robotics.train import EvalPoint
-
-        history = [EvalPoint(**p) for p in cache[key]]
+        history = run_one(env, spec, seed, 1.0, cache, cache_path, phase=dense)[1]
     return next((float(p.update) for p in history if p.episode_return >= threshold), math.inf)
 
 
@@ -239,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     table.append("\nConvergence speed — mean greedy return over all evaluation points (same budget):\n")
     table.append("| env | default | robotics | Adam best | Adam 1e-3 |" + "".join(f" {x} |" for x in extra_labels))
     table.append("|" + "---|" * (5 + len(extra_labels)))
+    def columns(rows):
+        return ["default", "robotics", rows["adam_best"]["label"], "adam:0.001", *extra_labels]
+
     for env, rows in results.items():
-        labels = ["default", "robotics", rows["adam_best"]["label"], "adam:0.001", *extra_labels]
+        labels = columns(rows)
         table.append(f"| {env} |" + "".join(
             f" {mean_std(rows[x]['aucs'])} |" if x in rows else " n/a |" for x in labels))
 
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                  "".join(f" {x} |" for x in extra_labels))
     table.append("|" + "---|" * (6 + len(extra_labels)))
     for env, rows in results.items():
-        labels = ["default", "robotics", rows["adam_best"]["label"], "adam:0.001", *extra_labels]
+        labels = columns(rows)
         table.append(f"| {env} | {SOLVE[env][0]:g} |" + "".join(
             f" {median_updates(rows[x]['updates_to_threshold'])} |" if x in rows else " n/a |" for x in labels))
 
