@@ -110,17 +110,24 @@ def median_updates(xs: list[float]) -> str:
     return (f"{med:.0f}" if math.isfinite(med) else "never") + f" ({reached}/{len(xs)})"
 
 
-def _train(env: str, spec: str, seed: int, scale: float, *, updates: int | None = None,
-           every: int | None = None):
+@functools.cache
+def _task_and_optimizer(env: str, spec: str):
+    """One task and one transform object per (env, optimizer): ``train_policy`` compiles once per
+    pair of objects, so every seed of a cell reuses the first seed's program (and its memory)."""
     from mnemosyne_core.tasks import make_task
     from service.robotics.optimizers import resolve_optimizer
+
+    return make_task({"name": env, "kwargs": BUDGETS[env][0]}), resolve_optimizer(spec)[0]
+
+
+def _train(env: str, spec: str, seed: int, scale: float, *, updates: int | None = None,
+           every: int | None = None):
     from service.robotics.train import train_policy
 
-    kwargs, budget = BUDGETS[env]
+    budget = BUDGETS[env][1]
     if updates is None:
         updates = max(EVALS, int(budget * scale))
-    task = make_task({"name": env, "kwargs": kwargs})
-    tx, _ = resolve_optimizer(spec)
+    task, tx = _task_and_optimizer(env, spec)
     result = train_policy(task, tx, steps=updates, seed=seed, eval_every=every or max(1, updates // EVALS))
     tail = [p.episode_return for p in result.history[-3:]]
     final = statistics.fmean(tail) if all(math.isfinite(r) for r in tail) else math.nan

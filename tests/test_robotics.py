@@ -131,6 +131,21 @@ def test_gymnax_policy_improves_with_adam(env):
     assert _best_gain(result) > {"gymnax_cartpole": 50, "gymnax_acrobot": 150, "gymnax_pendulum": 200}[env]
 
 
+def test_train_policy_reuses_its_compiled_step_across_seeds():
+    from service.robotics import train
+
+    # A benchmark trains hundreds of seeds in one process: each call used to compile (and keep)
+    # its own program. Same task and transform objects → the second seed compiles nothing.
+    task = make_task({"name": "gymnax_cartpole", "kwargs": {"num_envs": 2, "horizon": 8, "eval_envs": 2}})
+    tx, _ = resolve_optimizer("adam:1e-2")
+    first = train_policy(task, tx, steps=4, seed=0, eval_every=2)
+    compiled = (train._chunk._cache_size(), train._evaluate._cache_size())
+    second = train_policy(task, tx, steps=4, seed=1, eval_every=2)
+    assert (train._chunk._cache_size(), train._evaluate._cache_size()) == compiled
+    # ...and still trains each seed from its own key.
+    assert [p.train_loss for p in first.history[1:]] != [p.train_loss for p in second.history[1:]]
+
+
 @pytest.mark.parametrize("env", ["gymnax_cartpole", "gymnax_acrobot"])
 def test_gymnax_policy_improves_with_mnemosyne(env):
     from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta, mnemosyne

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,31 @@ class TrainResult:
         return self.history[-1].episode_return
 
 
+# Module-level jits with the task and the transform as static arguments: calls with the same
+# ``task`` and ``tx`` objects reuse one compiled program. A jit built inside ``train_policy`` was
+# compiled (or loaded from the persistent cache) again on every call and its executable kept, about
+# 20 MiB per call on the robotics tasks: a benchmark of a few hundred runs in one process ran out of
+# memory for LLVM's code buffers.
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluate(task: Any, params: Any) -> dict:
+    return task.evaluate(params)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _chunk(task: Any, tx: optax.GradientTransformationExtraArgs, params: Any, opt_state: Any, keys: jax.Array):
+    """``len(keys)`` policy updates; the mean loss and whether the parameters are still finite."""
+
+    def one_update(carry, key):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, opt_state), losses = jax.lax.scan(one_update, (params, opt_state), keys)
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+    return params, opt_state, jnp.mean(losses), finite
+
+
 def train_policy(
     task: Any,
     tx: optax.GradientTransformation,
@@ -64,22 +90,9 @@ def train_policy(
     params = task.init(k_init)
     opt_state = tx.init(params)
     per_batch = int(task.env_steps_per_batch)
-    evaluate = jax.jit(task.evaluate)
-
-    def one_update(carry, key):
-        params, opt_state = carry
-        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
-        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
-    @jax.jit
-    def chunk(params, opt_state, keys):
-        (params, opt_state), losses = jax.lax.scan(one_update, (params, opt_state), keys)
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-        return params, opt_state, jnp.mean(losses), finite
 
     def record(update: int, loss: float) -> EvalPoint:
-        point = EvalPoint(update, update * per_batch, float(evaluate(params)["return"]), loss)
+        point = EvalPoint(update, update * per_batch, float(_evaluate(task, params)["return"]), loss)
         history.append(point)
         if on_eval is not None:
             on_eval(point)
@@ -91,7 +104,7 @@ def train_policy(
     while done < steps:
         n = min(eval_every, steps - done)
         keys = jax.random.split(jax.random.fold_in(k_train, done), n)
-        new_params, new_state, loss, finite = chunk(params, opt_state, keys)
+        new_params, new_state, loss, finite = _chunk(task, tx, params, opt_state, keys)
         done += n
         if not (bool(finite) and math.isfinite(float(loss))):
             diverged = True  # keep the last finite policy; report the failure
