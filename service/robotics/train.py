@@ -81,7 +81,8 @@ def train_policy(
 ) -> TrainResult:
     """Train ``task``'s policy for ``steps`` updates; evaluate at 0 and every ``eval_every``.
 
-    Stops early (``diverged=True``) when the loss or the parameters stop being finite.
+    Stops early (``diverged=True``) when the loss or the parameters stop being finite. Calls with
+    the same ``task`` and ``tx`` objects (e.g. one per seed) reuse one compiled program.
     """
     if steps < 0 or eval_every < 1:
         raise ValueError(f"need steps ≥ 0 and eval_every ≥ 1, got {steps}, {eval_every}")
