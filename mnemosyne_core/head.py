@@ -311,7 +311,7 @@ def tensor_head(
     gain: jax.Array,
     g: jax.Array,
     m1: jax.Array,
-    m2: jax.Array,
+    m2: jax.Array | None,
     v: jax.Array,
     param: jax.Array | None,
     layout: ChunkLayout,
@@ -329,8 +329,7 @@ def tensor_head(
     weights, ``d`` is Adam's ``m̂/(√v̂+ε)`` and the gain is 1.
 
     Returns ``(direction, sums)``; with ``m1_old`` (the first moment before this
-    step) ``sums`` is ``(g·u, g·g, u·u)`` over the tensor, u = m1_old/(√v̂+ε),
-    for :func:`hypergradient_log_lr` (reductions in the same pass), else None.
+    step) ``sums`` is :func:`hypergradient_sums` ``(g·u, u·u)``, else None.
     """
     shape = g.shape
     c1, c2, cv = bias_corrections
@@ -351,12 +350,26 @@ def tensor_head(
             for i, f in enumerate(coord):
                 pre = pre + w1[i, j] * f
             d = d + w_d[j] * jnp.maximum(pre, 0.0)
-    sums = None
-    if m1_old is not None:
-        # Padding in the chunk view is zero in g, so it adds nothing to the sums.
-        gv, u = view(g), view(m1_old) * inv
-        sums = jnp.stack([jnp.sum(gv * u), jnp.sum(gv * gv), jnp.sum(u * u)])
+    sums = None if m1_old is None else hypergradient_sums(g, m1_old, v, cv=cv, eps=eps)
     return from_chunks(d * gain[:, None], layout, shape), sums
+
+
+def hypergradient_sums(g: jax.Array, m1_old: jax.Array, v: jax.Array, *, cv: jax.Array,
+                       eps: float) -> jax.Array:
+    """``(g·u, u·u)`` over one tensor, u = m1_old/(√v̂+ε), for :func:`hypergradient_log_lr`.
+
+    Each sum is its own reduction over the tensor's own shape that recomputes what it needs
+    from g, m1_old and v (cheap next to a memory pass): a shared full-size intermediate (the
+    chunk view's ``1/(√v̂+ε)``, or u) has several consumers, and XLA then writes it out and
+    reads it back. u·u uses (√v̂+ε)² ≈ v̂ + ε² (equal wherever √v̂ ≫ ε; it only normalises a
+    cosine). g·g comes from the pooled token means, which already hold Σg².
+    """
+    # v̂ = cv·v with the scalar cv taken outside each sum, so that neither sum shares a
+    # full-size subexpression (cv·v, √(cv·v)) with the other or with the direction.
+    root = jnp.sqrt(cv)
+    gu = jnp.sum(g * m1_old / (jnp.sqrt(v) + eps / root)) / root
+    uu = jnp.sum(m1_old * m1_old / (v + eps * eps / cv)) / cv
+    return jnp.stack([gu, uu])
 
 
 def preprocess(x: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:

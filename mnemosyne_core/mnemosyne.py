@@ -61,9 +61,10 @@ __all__ = [
 class MnemosyneState(NamedTuple):
     """Optimizer state (a NamedTuple; its structure never changes between steps).
 
-    ``tensor``: only ``moments`` (m1, m2, v: 3 floats per parameter) scales with
-    the parameters; ``memory`` is a :class:`~mnemosyne_core.head.TensorMemory`
-    whose size depends on the number of tensors, not their sizes.
+    ``tensor``: only ``moments`` (m1, m2, v: 3 floats per parameter; m1, v
+    without the direction correction) scales with the parameters; ``memory`` is
+    a :class:`~mnemosyne_core.head.TensorMemory` whose size depends on the
+    number of tensors, not their sizes.
     ``coordinate``: ``moments`` (m1, v) plus one CAM memory per coordinate,
     ``r·(e+2)`` floats each.
     """
@@ -168,7 +169,12 @@ def feature_directions(config: MnemosyneConfig) -> dict[str, jax.Array]:
 
 
 def _moment_names(config: MnemosyneConfig) -> tuple[str, ...]:
-    return ("m1", "m2", "v") if config.variant == "tensor" else ("m1", "v")
+    # The slow momentum m2 only feeds the per-coordinate direction correction; without it
+    # (the shipped ``default``) keeping it would cost a float per parameter and a read and a
+    # write of it every step for nothing: the state is then Adam's (m1, v).
+    if config.variant == "tensor" and config.direction_correction:
+        return ("m1", "m2", "v")
+    return ("m1", "v")
 
 
 def _empty_tokens(config: MnemosyneConfig) -> tuple[jax.Array, jax.Array]:
@@ -280,14 +286,15 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                 new_memory = keep(memory, state.memory)
             else:
                 new_memory = state.memory
-            new_moments = {"m1": [], "m2": [], "v": []}
+            new_moments = {name: [] for name in moments}
             hd_sums = []
             for i, g in enumerate(g32s):
                 m1 = keep(b1 * moments["m1"][i] + (1 - b1) * g, moments["m1"][i])
-                m2 = keep(b2 * moments["m2"][i] + (1 - b2) * g, moments["m2"][i])
+                m2 = keep(b2 * moments["m2"][i] + (1 - b2) * g, moments["m2"][i]) if "m2" in moments else None
                 v = keep(bv * moments["v"][i] + (1 - bv) * g * g, moments["v"][i])
                 new_moments["m1"].append(m1)
-                new_moments["m2"].append(m2)
+                if m2 is not None:
+                    new_moments["m2"].append(m2)
                 new_moments["v"].append(v)
                 if g.size:
                     direction, sums = tensor_head(
@@ -295,6 +302,11 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                         bias_corrections=corr, eps=config.eps,
                         m1_old=moments["m1"][i] if config.hypergradient else None,
                     )
+                    if sums is not None:
+                        # Σg² from the pooled token means (mean × count per token): a second
+                        # full-size g·g would give g² two consumers, and XLA would write it out.
+                        gg = jnp.sum(means[i, ..., 1] * layouts[i].token_counts())
+                        sums = jnp.stack([sums[0], gg, sums[1]])
                 else:
                     direction, sums = jnp.zeros_like(g), jnp.zeros((3,), jnp.float32)
                 directions.append(direction)

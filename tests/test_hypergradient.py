@@ -56,16 +56,21 @@ def _grads_seq(steps, seed=0):
     return out
 
 
+@pytest.mark.parametrize("direction_correction", [True, False])
 @pytest.mark.parametrize("hd_values", [(0.0, 0.0, 0.0), (math.log(2.0), 1.5, 0.3)])
-def test_matches_numpy_reference(hd_values):
+def test_matches_numpy_reference(hd_values, direction_correction):
     log_kappa, drift, log_lr0 = hd_values
-    theta = init_theta(jax.random.key(0), HD)
+    config = dataclasses.replace(HD, direction_correction=direction_correction,
+                                 use_param_feature=direction_correction)
+    theta = init_theta(jax.random.key(0), config)
     theta["hd"] = {"log_kappa": jnp.float32(log_kappa), "drift": jnp.float32(drift), "log_lr0": jnp.float32(log_lr0)}
-    tx = mnemosyne(theta, HD)
+    tx = mnemosyne(theta, config)
     params = {"w": jnp.zeros((5, 7)), "b": jnp.zeros(7)}
     state = tx.init(params)
+    # The slow momentum only feeds the direction correction: without it the state is Adam's.
+    assert sorted(state.moments) == (["m1", "m2", "v"] if direction_correction else ["m1", "v"])
     seq = _grads_seq(12)
-    ref_updates, ref_log_lrs = _reference(HD, seq, log_kappa, drift, log_lr0)
+    ref_updates, ref_log_lrs = _reference(config, seq, log_kappa, drift, log_lr0)
     update = jax.jit(tx.update)
     for grads, ref_u, ref_ll in zip(seq, ref_updates, ref_log_lrs):
         u, state = update({k: jnp.asarray(x, jnp.float32) for k, x in grads.items()}, state, params)
