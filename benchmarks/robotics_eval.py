@@ -88,6 +88,8 @@ def load_cache(path: pathlib.Path) -> dict:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(row, dict) or "key" not in row:
+            continue
         good.append(line)
         cache[row.pop("key")] = row
     if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
