@@ -54,8 +54,10 @@ class LocalRayHead:
     """
 
     def __init__(self, num_cpus: int = 2, resources: dict[str, float] | None = None,
-                 tmpdir: str | None = None, num_gpus: int = 0):
+                 tmpdir: str | None = None, num_gpus: int = 0, ray_executable: str | None = None):
         self.num_cpus = num_cpus
+        # The ``ray`` CLI next to this interpreter unless given (another install, or a test double).
+        self.ray_executable = ray_executable or str(Path(sys.executable).with_name("ray"))
         self.num_gpus = num_gpus  # declared, not detected: lets tests check GPU placement without GPUs
         self.resources = dict(resources or {})
         # Unix socket paths are limited to ~107 bytes: keep the root short.
@@ -69,33 +71,62 @@ class LocalRayHead:
     def env(self) -> dict[str, str]:
         return ray_env(self.tmpdir)
 
-    def start(self) -> LocalRayHead:
-        ray_bin = str(Path(sys.executable).with_name("ray"))
-        cmd = [ray_bin, "start", "--head", "--block", "--port", "0",
+    def start(self, *, timeout: float = 180.0, attempts: int = 2) -> LocalRayHead:
+        """Start the head and wait until its GCS address is known.
+
+        A head that exits or is not up within ``timeout`` seconds is stopped (by pid) and
+        started again, up to ``attempts`` times in all: on a machine whose cores are all busy,
+        ``ray start`` occasionally gives up waiting for its own raylet. Raises
+        :class:`RayHeadError` with the end of the last attempt's log.
+        """
+        if attempts < 1 or timeout <= 0:
+            raise ValueError(f"need attempts ≥ 1 and timeout > 0, got {attempts}, {timeout}")
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout)
+            except RayHeadError as err:
+                self.stop()
+                if attempt == attempts:
+                    raise
+                if self._own_tmp:  # a clean directory: nothing of the failed session is reused
+                    self.tmpdir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+                    self._log = Path(self.tmpdir) / "head.log"
+                print(f"LocalRayHead: attempt {attempt} of {attempts} failed, retrying: "
+                      f"{str(err).splitlines()[0]}", file=sys.stderr)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> LocalRayHead:
+        cmd = [self.ray_executable, "start", "--head", "--block", "--port", "0",
                "--num-cpus", str(self.num_cpus), "--include-dashboard", "false",
                "--temp-dir", self.tmpdir, "--disable-usage-stats"]
         if self.num_gpus:
             cmd += ["--num-gpus", str(self.num_gpus)]
         if self.resources:
             cmd += ["--resources", json.dumps(self.resources)]
+        marker = Path(self.tmpdir) / "ray_current_cluster"
+        marker.unlink(missing_ok=True)  # in a given tmpdir: a previous attempt's address is not ours
         with open(self._log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          env=self.env, start_new_session=True)
-        marker = Path(self.tmpdir) / "ray_current_cluster"
         # Poll for the file Ray writes once the GCS is up; fail as soon as the
         # process dies instead of sleeping a fixed time.
+        deadline = time.monotonic() + timeout
         while self.address is None:
             if self.proc.poll() is not None:
                 raise RayHeadError(f"ray start exited with {self.proc.returncode}: "
                                    + self._log.read_text(errors="replace")[-2000:])
             if marker.exists() and "Ray runtime started" in self._log.read_text(errors="replace"):
                 self.address = marker.read_text().strip()
+            elif time.monotonic() > deadline:
+                raise RayHeadError(f"ray start was not up after {timeout:g} s: "
+                                   + self._log.read_text(errors="replace")[-2000:])
             else:
                 time.sleep(0.1)
         return self
 
     def stop(self) -> None:
         """SIGTERM the ``ray start`` process (it drains its node), then SIGKILL leftovers by pid."""
+        self.address = None
         if self.proc is None:
             return
         try:
