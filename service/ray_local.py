@@ -129,10 +129,7 @@ class LocalRayHead:
         self.address = None
         if self.proc is None:
             return
-        try:
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
+        children = self._own_processes()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -149,6 +146,24 @@ class LocalRayHead:
         self.proc = None
         if self._own_tmp:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def _own_processes(self) -> list[psutil.Process]:
+        """The head's descendants, found two ways: as its children and as members of the session
+        it leads (``start_new_session``). A ``ray start`` that exited leaves its GCS and raylet
+        orphaned: no longer its children, still in its session."""
+        assert self.proc is not None
+        found: dict[int, psutil.Process] = {}
+        try:
+            found.update((p.pid, p) for p in psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != self.proc.pid and os.getsid(proc.pid) == self.proc.pid:
+                    found.setdefault(proc.pid, proc)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return list(found.values())
 
     def __enter__(self) -> Self:
         return self.start()

@@ -30,6 +30,8 @@ exec sleep 60
 SCRIPTS = {
     "fails": PROLOGUE + 'echo "raylet did not register in time"; exit 3\n',
     "hangs": PROLOGUE + "exec sleep 60\n",
+    # Like a ``ray start`` that launched its GCS and then gave up: the daemon outlives it.
+    "fails_leaving_a_daemon": PROLOGUE + 'sleep 60 & echo $! > "$FAKE_RAY_DIR/daemon"; exit 3\n',
     "fails_once": PROLOGUE + '[ "$n" = 1 ] && { echo "raylet did not register in time"; exit 3; }\n' + COMES_UP,
 }
 
@@ -78,6 +80,15 @@ def test_a_head_that_never_comes_up_times_out_and_is_stopped(fake_ray, tmp_path)
     assert time.monotonic() - start < 30  # the 60 s sleep was not waited for
     (pid,) = map(int, _lines(tmp_path, "pids"))
     assert _gone(pid)
+
+
+def test_daemons_of_a_head_that_exited_are_stopped_too(fake_ray, tmp_path):
+    head = LocalRayHead(ray_executable=fake_ray("fails_leaving_a_daemon"))
+    with pytest.raises(RayHeadError, match="exited with 3"):
+        head.start(attempts=1)
+    (daemon,) = map(int, _lines(tmp_path, "daemon"))
+    psutil.wait_procs([psutil.Process(daemon)] if not _gone(daemon) else [], timeout=5)
+    assert _gone(daemon)
 
 
 def test_a_failed_first_start_is_retried(fake_ray, tmp_path):
