@@ -144,6 +144,12 @@ def test_train_policy_reuses_its_compiled_step_across_seeds():
     assert (train._chunk._cache_size(), train._evaluate._cache_size()) == compiled
     # ...and still trains each seed from its own key.
     assert [p.train_loss for p in first.history[1:]] != [p.train_loss for p in second.history[1:]]
+    # A plain GradientTransformation (no extra-args support) is wrapped once, not once per call.
+    plain = optax.GradientTransformation(*optax.sgd(1e-2))
+    train_policy(task, plain, steps=4, seed=0, eval_every=2)
+    compiled = train._chunk._cache_size()
+    train_policy(task, plain, steps=4, seed=1, eval_every=2)
+    assert train._chunk._cache_size() == compiled
 
 
 @pytest.mark.parametrize("env", ["gymnax_cartpole", "gymnax_acrobot"])

@@ -70,6 +70,13 @@ def _chunk(task: Any, tx: optax.GradientTransformationExtraArgs, params: Any, op
     return params, opt_state, jnp.mean(losses), finite
 
 
+@functools.lru_cache(maxsize=64)
+def _with_extra_args(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    # Wrapping a plain transform builds new closures, i.e. a new static argument for ``_chunk``;
+    # one wrapper per transform keeps its compiled step reusable across calls.
+    return optax.with_extra_args_support(tx)
+
+
 def train_policy(
     task: Any,
     tx: optax.GradientTransformation,
@@ -86,7 +93,7 @@ def train_policy(
     """
     if steps < 0 or eval_every < 1:
         raise ValueError(f"need steps ≥ 0 and eval_every ≥ 1, got {steps}, {eval_every}")
-    tx = optax.with_extra_args_support(tx)
+    tx = _with_extra_args(tx)
     k_init, k_train = jax.random.split(jax.random.key(seed))
     params = task.init(k_init)
     opt_state = tx.init(params)
