@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Self
 
 import psutil
+
+_log = logging.getLogger(__name__)
 
 
 class RayHeadError(RuntimeError):
@@ -75,9 +78,9 @@ class LocalRayHead:
         """Start the head and wait until its GCS address is known.
 
         A head that exits or is not up within ``timeout`` seconds is stopped (by pid) and
-        started again, up to ``attempts`` times in all: on a machine whose cores are all busy,
-        ``ray start`` occasionally gives up waiting for its own raylet. Raises
-        :class:`RayHeadError` with the end of the last attempt's log.
+        started again, up to ``attempts`` times in all (one start failed once in a test fixture
+        while meta-training had both cores busy). Raises :class:`RayHeadError` with the end of
+        the last attempt's log.
         """
         if attempts < 1 or timeout <= 0:
             raise ValueError(f"need attempts ≥ 1 and timeout > 0, got {attempts}, {timeout}")
@@ -91,8 +94,8 @@ class LocalRayHead:
                 if self._own_tmp:  # a clean directory: nothing of the failed session is reused
                     self.tmpdir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
                     self._log = Path(self.tmpdir) / "head.log"
-                print(f"LocalRayHead: attempt {attempt} of {attempts} failed, retrying: "
-                      f"{str(err).splitlines()[0]}", file=sys.stderr)
+                _log.warning("attempt %d of %d failed, retrying: %s", attempt, attempts,
+                             str(err).splitlines()[0])
         raise AssertionError("unreachable")
 
     def _start_once(self, timeout: float) -> LocalRayHead:
