@@ -62,7 +62,8 @@ def run_one(env: str, spec: str, seed: int, scale: float, cache: dict, cache_pat
     ``phase = (updates, every)`` runs only the first ``updates``, evaluated every ``every``."""
     from service.robotics.train import EvalPoint
 
-    key = f"{env}|{spec}{_content_tag(spec)}|{seed}|{scale}" + (f"|{phase[0]}|{phase[1]}" if phase else "")
+    key = (f"{env}|{spec}{_content_tag(spec)}|{seed}|{scale}" + (f"|{phase[0]}|{phase[1]}" if phase else "")
+           + f"|code@{_code_tag()}")
     if key not in cache:
         updates, every = phase or (None, None)
         final, history = _train(env, spec, seed, scale, updates=updates, every=every)
@@ -97,6 +98,23 @@ def load_cache(path: pathlib.Path) -> dict:
         tmp.write_text("".join(line + "\n" for line in good))
         tmp.replace(path)
     return cache
+
+
+@functools.cache
+def _code_tag() -> str:
+    """A digest of the code and pinned libraries a run's numbers depend on (``mnemosyne_core``,
+    ``service/robotics``, ``uv.lock``): a cached run is reused only by the same code, so a change
+    to an optimizer's update or a task (or a library upgrade) cannot leave stale numbers in the
+    table, while edits elsewhere (docs, the registry, this script's reporting) keep the cache."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted([*(ROOT / "mnemosyne_core").rglob("*.py"), *(ROOT / "service" / "robotics").rglob("*.py"),
+                    ROOT / "uv.lock"])
+    for path in files:
+        if path.is_file():
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @functools.cache
