@@ -52,6 +52,7 @@ __all__ = [
     "TensorMemory",
     "coordinate_cam",
     "hypergradient_log_lr",
+    "hypergradient_sums",
     "init_coordinate_theta",
     "init_tensor_memory",
     "init_tensor_theta",
@@ -318,8 +319,7 @@ def tensor_head(
     *,
     bias_corrections: tuple[jax.Array, jax.Array, jax.Array],
     eps: float,
-    m1_old: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array | None]:
+) -> jax.Array:
     """Per-coordinate MLP of one tensor → direction ``d·exp(β·s)`` (same shape as ``g``).
 
     Runs on the ``(b, T·P)`` chunk view so each chunk's context ``ctx (b, H)``
@@ -327,9 +327,6 @@ def tensor_head(
     elementwise multiply-adds (one fused loop; no ``stack(...) @ W``; ReLU; no
     transcendental beyond Adam's square root). With the zero-initialised output
     weights, ``d`` is Adam's ``m̂/(√v̂+ε)`` and the gain is 1.
-
-    Returns ``(direction, sums)``; with ``m1_old`` (the first moment before this
-    step) ``sums`` is :func:`hypergradient_sums` ``(g·u, u·u)``, else None.
     """
     shape = g.shape
     c1, c2, cv = bias_corrections
@@ -350,26 +347,27 @@ def tensor_head(
             for i, f in enumerate(coord):
                 pre = pre + w1[i, j] * f
             d = d + w_d[j] * jnp.maximum(pre, 0.0)
-    sums = None if m1_old is None else hypergradient_sums(g, m1_old, v, cv=cv, eps=eps)
-    return from_chunks(d * gain[:, None], layout, shape), sums
+    return from_chunks(d * gain[:, None], layout, shape)
 
 
-def hypergradient_sums(g: jax.Array, m1_old: jax.Array, v: jax.Array, *, cv: jax.Array,
-                       eps: float) -> jax.Array:
-    """``(g·u, u·u)`` over one tensor, u = m1_old/(√v̂+ε), for :func:`hypergradient_log_lr`.
+def hypergradient_sums(g: jax.Array, m1_old: jax.Array, v: jax.Array, gg: jax.Array, *,
+                       cv: jax.Array, eps: float) -> jax.Array:
+    """``(g·u, g·g, u·u)`` over one tensor, u = m1_old/(√v̂+ε), for :func:`hypergradient_log_lr`.
 
-    Each sum is its own reduction over the tensor's own shape that recomputes what it needs
-    from g, m1_old and v (cheap next to a memory pass): a shared full-size intermediate (the
-    chunk view's ``1/(√v̂+ε)``, or u) has several consumers, and XLA then writes it out and
-    reads it back. u·u uses (√v̂+ε)² ≈ v̂ + ε² (equal wherever √v̂ ≫ ε; it only normalises a
-    cosine). g·g comes from the pooled token means, which already hold Σg².
+    ``m1_old`` is the first moment before this step, ``v`` the second after it; ``gg`` = Σg² is
+    passed in because the pooled token means already hold it (a second full-size g·g would give g²
+    two consumers, and XLA would write it out). Each of the other two sums is its own reduction over
+    the tensor's own shape that recomputes what it needs from g, m1_old and v (cheap next to a
+    memory pass): a shared full-size intermediate (the head's ``1/(√v̂+ε)``, or u) has several
+    consumers, and XLA then writes it out and reads it back. u·u uses (√v̂+ε)² ≈ v̂ + ε² (equal
+    wherever √v̂ ≫ ε; it only normalises a cosine).
     """
     # v̂ = cv·v with the scalar cv taken outside each sum, so that neither sum shares a
     # full-size subexpression (cv·v, √(cv·v)) with the other or with the direction.
     root = jnp.sqrt(cv)
     gu = jnp.sum(g * m1_old / (jnp.sqrt(v) + eps / root)) / root
     uu = jnp.sum(m1_old * m1_old / (v + eps * eps / cv)) / cv
-    return jnp.stack([gu, uu])
+    return jnp.stack([gu, gg, uu])
 
 
 def preprocess(x: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:

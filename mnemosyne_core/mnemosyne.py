@@ -38,6 +38,7 @@ from mnemosyne_core.head import (
     TensorMemory,
     coordinate_cam,
     hypergradient_log_lr,
+    hypergradient_sums,
     init_coordinate_theta,
     init_tensor_memory,
     init_tensor_theta,
@@ -290,27 +291,24 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
             hd_sums = []
             for i, g in enumerate(g32s):
                 m1 = keep(b1 * moments["m1"][i] + (1 - b1) * g, moments["m1"][i])
-                m2 = keep(b2 * moments["m2"][i] + (1 - b2) * g, moments["m2"][i]) if "m2" in moments else None
                 v = keep(bv * moments["v"][i] + (1 - bv) * g * g, moments["v"][i])
                 new_moments["m1"].append(m1)
-                if m2 is not None:
-                    new_moments["m2"].append(m2)
                 new_moments["v"].append(v)
-                if g.size:
-                    direction, sums = tensor_head(
-                        theta_s["head"], ctx[i], gain[i], g, m1, m2, v, params32[i], layouts[i],
-                        bias_corrections=corr, eps=config.eps,
-                        m1_old=moments["m1"][i] if config.hypergradient else None,
-                    )
-                    if sums is not None:
-                        # Σg² from the pooled token means (mean × count per token): a second
-                        # full-size g·g would give g² two consumers, and XLA would write it out.
-                        gg = jnp.sum(means[i, ..., 1] * layouts[i].token_counts())
-                        sums = jnp.stack([sums[0], gg, sums[1]])
-                else:
-                    direction, sums = jnp.zeros_like(g), jnp.zeros((3,), jnp.float32)
-                directions.append(direction)
-                hd_sums.append(sums)
+                m2 = None
+                if "m2" in moments:
+                    m2 = keep(b2 * moments["m2"][i] + (1 - b2) * g, moments["m2"][i])
+                    new_moments["m2"].append(m2)
+                if not g.size:
+                    directions.append(jnp.zeros_like(g))
+                    hd_sums.append(jnp.zeros((3,), jnp.float32))
+                    continue
+                directions.append(tensor_head(
+                    theta_s["head"], ctx[i], gain[i], g, m1, m2, v, params32[i], layouts[i],
+                    bias_corrections=corr, eps=config.eps,
+                ))
+                if config.hypergradient:
+                    gg = jnp.sum(means[i, ..., 1] * layouts[i].token_counts())  # Σ mean·count = Σg²
+                    hd_sums.append(hypergradient_sums(g, moments["m1"][i], v, gg, cv=cv, eps=config.eps))
             if config.hypergradient and pooled:
                 # The step size this step used was set by the previous steps' sums;
                 # this step's sums set the next one (one step late, no second pass).
