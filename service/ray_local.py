@@ -32,7 +32,12 @@ from typing import Self
 
 import psutil
 
-_log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
+
+
+def _new_tmpdir() -> str:
+    # Unix socket paths are limited to ~107 bytes: keep the root short.
+    return tempfile.mkdtemp(prefix="ray", dir="/tmp")
 
 
 class RayHeadError(RuntimeError):
@@ -63,12 +68,17 @@ class LocalRayHead:
         self.ray_executable = ray_executable or str(Path(sys.executable).with_name("ray"))
         self.num_gpus = num_gpus  # declared, not detected: lets tests check GPU placement without GPUs
         self.resources = dict(resources or {})
-        # Unix socket paths are limited to ~107 bytes: keep the root short.
         self._own_tmp = tmpdir is None
-        self.tmpdir = tmpdir or tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        self.tmpdir = tmpdir or _new_tmpdir()
         self.address: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = Path(self.tmpdir) / "head.log"
+
+    @property
+    def _log(self) -> Path:
+        return Path(self.tmpdir) / "head.log"
+
+    def _log_tail(self) -> str:
+        return self._log.read_text(errors="replace")[-2000:]
 
     @property
     def env(self) -> dict[str, str]:
@@ -92,9 +102,8 @@ class LocalRayHead:
                 if attempt == attempts:
                     raise
                 if self._own_tmp:  # a clean directory: nothing of the failed session is reused
-                    self.tmpdir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-                    self._log = Path(self.tmpdir) / "head.log"
-                _log.warning("attempt %d of %d failed, retrying: %s", attempt, attempts,
+                    self.tmpdir = _new_tmpdir()
+                logger.warning("attempt %d of %d failed, retrying: %s", attempt, attempts,
                              str(err).splitlines()[0])
         raise AssertionError("unreachable")
 
@@ -116,13 +125,11 @@ class LocalRayHead:
         deadline = time.monotonic() + timeout
         while self.address is None:
             if self.proc.poll() is not None:
-                raise RayHeadError(f"ray start exited with {self.proc.returncode}: "
-                                   + self._log.read_text(errors="replace")[-2000:])
+                raise RayHeadError(f"ray start exited with {self.proc.returncode}: {self._log_tail()}")
             if marker.exists() and "Ray runtime started" in self._log.read_text(errors="replace"):
                 self.address = marker.read_text().strip()
             elif time.monotonic() > deadline:
-                raise RayHeadError(f"ray start was not up after {timeout:g} s: "
-                                   + self._log.read_text(errors="replace")[-2000:])
+                raise RayHeadError(f"ray start was not up after {timeout:g} s: {self._log_tail()}")
             else:
                 time.sleep(0.1)
         return self
