@@ -84,7 +84,8 @@ def load_cache(path: pathlib.Path) -> dict:
     if not path.exists():
         return cache
     text = path.read_text()
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -93,7 +94,7 @@ def load_cache(path: pathlib.Path) -> dict:
             continue
         good.append(line)
         cache[row.pop("key")] = row
-    if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
+    if len(good) != len(lines) or (text and not text.endswith("\n")):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in good))
         tmp.replace(path)
