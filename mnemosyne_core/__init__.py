@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "validate_theta": "mnemosyne_core.mnemosyne",
     "mnemosyne": "mnemosyne_core.mnemosyne",
     "scale_by_mnemosyne": "mnemosyne_core.mnemosyne",
+    "scheduled": "mnemosyne_core.mnemosyne",
     # building blocks
     "hyperbolic_features": "mnemosyne_core.favor",
     "orthogonal_directions": "mnemosyne_core.favor",

@@ -44,6 +44,15 @@ class MnemosyneConfig:
     unbounded). ``direction_correction=False`` (``tensor``) drops the learned
     per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
+    ``progress_schedule`` (``tensor`` only) lets the optimizer use the training progress
+    p = t/T when the caller tells it the horizon (``update(..., total_steps=T)``): p and a
+    "horizon known" flag join the HPE token features (so CAM's memory sees them) and the
+    per-chunk gain head's inputs, and a learned log step-size schedule over p
+    (``schedule_knots`` values, piecewise linear in p, kept in
+    ``[schedule_min_log, schedule_max_log]``) multiplies every step. All of it starts at zero
+    (a fresh θ ignores the horizon). Without ``total_steps`` the flag and p are 0 and the
+    schedule is off: the optimizer runs as it would without this option.
+
     ``tensor``: ``num_features`` r, ``width`` N (meta-token width), ``value_width``
     (CAM value width), ``num_meta_tokens`` b per tensor, ``tokens_per_chunk`` T,
     ``hpe_hidden``, ``head_hidden`` H, ``use_param_feature`` (the parameter value
@@ -71,6 +80,10 @@ class MnemosyneConfig:
     max_log_lr: float = 2.3
     max_log_gain: float = 0.0
     direction_correction: bool = True
+    progress_schedule: bool = False
+    schedule_knots: int = 5
+    schedule_min_log: float = -7.0
+    schedule_max_log: float = 1.0
     # tensor variant
     num_features: int = 16
     width: int = 8
@@ -116,6 +129,14 @@ class MnemosyneConfig:
                 raise ValueError(f"{name} must be a finite positive number, got {value}")
         if self.hypergradient and self.variant != "tensor":
             raise ValueError("hypergradient=True is implemented for the 'tensor' variant only")
+        if self.progress_schedule and self.variant != "tensor":
+            raise ValueError("progress_schedule=True is implemented for the 'tensor' variant only")
+        if self.schedule_knots < 2:
+            raise ValueError(f"schedule_knots must be ≥ 2 (knots at p = 0 and p = 1), got {self.schedule_knots}")
+        if not (np.isfinite(self.schedule_min_log) and np.isfinite(self.schedule_max_log)
+                and self.schedule_min_log <= 0.0 <= self.schedule_max_log):
+            raise ValueError("need finite schedule_min_log ≤ 0 ≤ schedule_max_log, got "
+                             f"{self.schedule_min_log}, {self.schedule_max_log}")
         for name in ("hypergradient_rate", "hypergradient_down"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):

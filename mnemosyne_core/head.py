@@ -59,6 +59,8 @@ __all__ = [
     "inverse_softplus",
     "pool_leaf",
     "preprocess",
+    "progress_features",
+    "progress_log_schedule",
     "tensor_context",
     "tensor_head",
 ]
@@ -106,6 +108,7 @@ def init_tensor_theta(
     init_discount: float,
     hypergradient: bool = False,
     direction_correction: bool = True,
+    schedule_knots: int = 0,
 ) -> dict:
     """θ of the ``tensor`` variant: HPE, CAM projections + τ, per-coordinate head.
 
@@ -114,7 +117,8 @@ def init_tensor_theta(
     size (a learned schedule term) and an offset of its initial value, all zero
     at initialisation. Without ``direction_correction`` the head keeps only the
     per-chunk log step size (``w_s``, ``b_s``): HPE/CAM set how far each chunk
-    moves and the direction is Adam's.
+    moves and the direction is Adam's. ``schedule_knots`` > 0 adds ``sched.knots``: the
+    learned log step-size schedule over the training progress (zeros: no schedule).
     """
     k_hpe, k_cam, k_ctx, k_w1 = jax.random.split(key, 4)
     ctx_in = value_width + width + extra_ctx
@@ -138,7 +142,35 @@ def init_tensor_theta(
     }
     if hypergradient:
         theta["hd"] = {name: jnp.zeros((), jnp.float32) for name in ("log_kappa", "drift", "log_lr0")}
+    if schedule_knots:
+        theta["sched"] = {"knots": jnp.zeros((schedule_knots,), jnp.float32)}
     return theta
+
+
+def progress_features(count: jax.Array, total_steps: jax.Array | None) -> jax.Array:
+    """``(p·known, known)`` with p = min(t/T, 1): the training progress when the horizon T is told.
+
+    ``total_steps`` None or ≤ 0 means "not told": both features are 0, so a rule that reads
+    them behaves as if they did not exist. Past the horizon p stays 1 (the end of the schedule).
+    """
+    if total_steps is None:
+        return jnp.zeros((2,), jnp.float32)
+    total = jnp.asarray(total_steps, jnp.float32)
+    known = total > 0
+    p = jnp.clip(count.astype(jnp.float32) / jnp.where(known, total, 1.0), 0.0, 1.0)
+    return jnp.stack([jnp.where(known, p, 0.0), known.astype(jnp.float32)])
+
+
+def progress_log_schedule(knots: jax.Array, progress: jax.Array, *, bounds: tuple[float, float]) -> jax.Array:
+    """The learned log step-size multiplier at progress ``progress = (p·known, known)``.
+
+    Piecewise linear in p through ``knots`` (equally spaced on [0, 1]), clipped to ``bounds``;
+    0 when the horizon is not known. A tuned cosine schedule is one such curve; meta-training
+    chooses the knots (their values are in natural-log units of the step size).
+    """
+    grid = jnp.linspace(0.0, 1.0, knots.shape[0])
+    value = jnp.clip(jnp.interp(progress[0], grid, knots), bounds[0], bounds[1])
+    return progress[1] * value
 
 
 def init_coordinate_theta(
@@ -218,7 +250,7 @@ def pool_leaf(g: jax.Array, layout: ChunkLayout) -> tuple[jax.Array, jax.Array]:
 
 
 def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: float,
-                    log_lr: jax.Array | None = None) -> jax.Array:
+                    log_lr: jax.Array | None = None, extra: jax.Array | None = None) -> jax.Array:
     """Token statistics (tiny arrays: the nonlinearities are free here).
 
     The first three are invariant to the gradient's scale. The fourth is the
@@ -240,6 +272,8 @@ def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: floa
         g * jax.lax.rsqrt(gsq + 1e-30),  # gradient coherence inside the token, in [-1, 1]
         fourth,
     ]
+    if extra is not None:  # global features (the training progress), the same for every token
+        feats.extend(jnp.broadcast_to(extra[i], rms.shape) for i in range(extra.shape[0]))
     return jnp.stack(feats, axis=-1)
 
 
@@ -258,6 +292,7 @@ def tensor_context(
     global_ctx: jax.Array | None = None,
     scale_free: bool = False,
     max_log_gain: float = 0.0,
+    token_extra: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, TensorMemory, jax.Array]:
     """HPE → CAM → per-chunk head context and step-size gain for all tensors at once.
 
@@ -267,6 +302,7 @@ def tensor_context(
     ``(L, b, H)`` (added to the head's first layer), the new memory and a flag
     that is False if any gradient entry was non-finite (a non-finite entry
     makes its token's sums non-finite, so this check costs nothing extra).
+    ``token_extra`` (K',) global features appended to every token before HPE.
     """
     num_leaves, b, t, _ = means.shape
     finite = jnp.all(jnp.isfinite(means))
@@ -277,7 +313,8 @@ def tensor_context(
         [b1 * old[..., 0] + (1 - b1) * g, b2 * old[..., 1] + (1 - b2) * g, bv * old[..., 2] + (1 - bv) * gsq],
         axis=-1,
     )
-    tokens = _token_features(means, moments, bias_corrections, eps, memory.log_lr if scale_free else None)
+    tokens = _token_features(means, moments, bias_corrections, eps, memory.log_lr if scale_free else None,
+                             token_extra)
     # Spatial encoder: chunked bidirectional Performer + pooling → b meta-tokens per tensor.
     meta = encode(theta["hpe"], tokens.reshape(num_leaves * b, t, -1), mask.reshape(num_leaves * b, t), omega_hpe)
     # Temporal encoder: one CAM stream per meta-token (Eqs. 2, 4, 5).

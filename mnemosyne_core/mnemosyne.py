@@ -44,6 +44,8 @@ from mnemosyne_core.head import (
     init_tensor_theta,
     pool_leaf,
     preprocess,
+    progress_features,
+    progress_log_schedule,
     tensor_context,
     tensor_head,
 )
@@ -56,6 +58,7 @@ __all__ = [
     "init_theta",
     "mnemosyne",
     "scale_by_mnemosyne",
+    "scheduled",
     "validate_theta",
 ]
 
@@ -86,7 +89,12 @@ def _num_coord_features(config: MnemosyneConfig) -> int:
 
 
 def _num_token_features(config: MnemosyneConfig) -> int:
-    return 4  # see head._token_features
+    return 4 + (2 if config.progress_schedule else 0)  # see head._token_features (+ progress)
+
+
+def _num_global_features(config: MnemosyneConfig) -> int:
+    # log(loss / first loss) and the progress pair (p·known, known) feed the gain head
+    return (1 if config.use_loss_feature else 0) + (2 if config.progress_schedule else 0)
 
 
 def init_theta(key: jax.Array, config: MnemosyneConfig) -> dict:
@@ -102,10 +110,11 @@ def init_theta(key: jax.Array, config: MnemosyneConfig) -> dict:
             value_width=config.value_width,
             hpe_hidden=config.hpe_hidden,
             head_hidden=config.head_hidden,
-            extra_ctx=1 if config.use_loss_feature else 0,
+            extra_ctx=_num_global_features(config),
             init_discount=config.init_discount,
             hypergradient=config.hypergradient,
             direction_correction=config.direction_correction,
+            schedule_knots=config.schedule_knots if config.progress_schedule else 0,
         )
     return init_coordinate_theta(
         key,
@@ -189,7 +198,8 @@ def _layout(config: MnemosyneConfig, leaf: jax.Array) -> ChunkLayout:
                         config.tokens_per_chunk)
 
 
-def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientTransformationExtraArgs:
+def _build(theta: Any, config: MnemosyneConfig, scale: float,
+           learned_schedule: bool = True) -> optax.GradientTransformationExtraArgs:
     if not isinstance(config, MnemosyneConfig):
         raise TypeError(f"config must be a MnemosyneConfig, got {type(config).__name__}")
     validate_theta(theta, config)
@@ -220,7 +230,8 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
             loss0=jnp.full((), jnp.nan, jnp.float32),
         )
 
-    def update_fn(grads: Any, state: MnemosyneState, params: Any = None, *, loss: Any = None, **extra: Any):
+    def update_fn(grads: Any, state: MnemosyneState, params: Any = None, *, loss: Any = None,
+                  total_steps: Any = None, **extra: Any):
         del extra  # unknown keyword arguments are ignored (optax contract)
         if needs_params and params is None:
             raise ValueError(
@@ -254,6 +265,12 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
             first = jnp.where(jnp.isnan(loss0) & loss_ok, loss, loss0)
             ratio = jnp.maximum(loss, 1e-30) / jnp.maximum(first, 1e-30)
             global_ctx = jnp.log(jnp.where(loss_ok, ratio, 1.0))[None]
+        progress = None
+        if config.progress_schedule:
+            # Under a user's schedule (``scheduled``) the learned schedule and the progress
+            # inputs are off: the user's schedule is told the horizon, not the rule.
+            progress = progress_features(state.count, total_steps if learned_schedule else None)
+            global_ctx = progress if global_ctx is None else jnp.concatenate([global_ctx, progress])
 
         # Bias corrections as scalar reciprocals: per-coordinate multiplies, not divides.
         t = (state.count + 1).astype(jnp.float32)
@@ -282,7 +299,12 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float) -> optax.GradientT
                     betas=(b1, b2, bv), bias_corrections=corr, eps=config.eps,
                     magnitude_scale=config.magnitude_scale, global_ctx=global_ctx,
                     scale_free=config.hypergradient, max_log_gain=config.max_log_gain,
+                    token_extra=progress,
                 )
+                if progress is not None:
+                    gain = gain * jnp.exp(progress_log_schedule(
+                        theta_s["sched"]["knots"], progress,
+                        bounds=(config.schedule_min_log, config.schedule_max_log)))
                 ok = ok & finite
                 new_memory = keep(memory, state.memory)
             else:
@@ -367,8 +389,34 @@ def mnemosyne(theta: Any, config: MnemosyneConfig) -> optax.GradientTransformati
 
 
 def scale_by_mnemosyne(theta: Any, config: MnemosyneConfig) -> optax.GradientTransformationExtraArgs:
-    """Direction only (``+d·exp(β·s)``, like ``optax.scale_by_adam``); chain your own schedule::
+    """Direction only (``+d·exp(β·s)``, like ``optax.scale_by_adam``), learned schedule included.
 
-        tx = optax.chain(scale_by_mnemosyne(theta, config), optax.scale_by_learning_rate(schedule))
+    To run the learned rule under your own learning-rate schedule use :func:`scheduled`.
     """
     return _build(theta, config, 1.0)
+
+
+def scheduled(theta: Any, config: MnemosyneConfig,
+              schedule: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+    """The learned rule under a user's learning rate or schedule (direction mode, as Celo2 is used).
+
+    ``update = -schedule(t) · d · exp(β·s)``: the schedule takes the place of α; the learned
+    per-tensor/per-chunk step sizes stay (they are relative to α), the learned progress schedule
+    is off and ``total_steps`` is ignored (the user's schedule already knows the horizon).
+    Compare it with Adam under the same schedule shape.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> config = MnemosyneConfig()
+        >>> theta = init_theta(jax.random.key(0), config)
+        >>> tx = scheduled(theta, config, optax.cosine_decay_schedule(1e-3, 100))
+        >>> params = {"w": jnp.ones(3)}
+        >>> updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+        >>> round(float(updates["w"][0]), 6)   # a fresh θ at step 0: -schedule(0)·sign(g)
+        -0.001
+    """
+    if callable(schedule):
+        scale = optax.scale_by_schedule(lambda count: -schedule(count))
+    else:
+        scale = optax.scale(-float(schedule))
+    return optax.chain(_build(theta, config, 1.0, learned_schedule=False), scale)

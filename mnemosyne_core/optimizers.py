@@ -113,6 +113,11 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     # Per-tensor hypergradient step sizes on top of the tensor variant (the shipped default also
     # turns the direction correction off; test_hypergradient.py covers that path).
     "mnemosyne_tensor_hd": _mnemosyne_entry("mnemosyne_tensor_hd", variant="tensor", hypergradient=True),
+    # The shipped default's shape: Adam's direction, hypergradient step sizes and the learned
+    # schedule over the training progress (told through update(..., total_steps=T)).
+    "mnemosyne_tensor_sched": _mnemosyne_entry("mnemosyne_tensor_sched", variant="tensor", hypergradient=True,
+                                               direction_correction=False, use_param_feature=False,
+                                               progress_schedule=True),
     "mnemosyne_coordinate": _mnemosyne_entry("mnemosyne_coordinate", variant="coordinate"),
     "lstm": _lstm_entry(),
     "adam": _hand_designed("adam", lambda: optax.adam(1e-3)),

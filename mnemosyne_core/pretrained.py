@@ -86,12 +86,25 @@ def load_optimizer(spec: str) -> tuple[Any, Any, dict[str, Any]]:
     return theta, config, meta
 
 
-def pretrained(name: str = "default") -> optax.GradientTransformationExtraArgs:
+def pretrained(name: str = "default", *, schedule: optax.ScalarOrSchedule | None = None,
+               ) -> optax.GradientTransformationExtraArgs:
     """The shipped optimizer as an optax transformation (Mnemosyne or the LSTM baseline).
 
-    Pass ``loss=`` to ``update`` (the default optimizer uses the loss as a feature).
+    Pass ``loss=`` to ``update`` (some optimizers use the loss as a feature) and, when you know
+    how long you will train, ``total_steps=`` (the shipped ``default`` then runs its learned
+    schedule over the training progress; without it, it runs without a schedule).
+
+    ``schedule`` (a learning rate or an optax schedule) runs the learned rule in *direction
+    mode* under your schedule instead (:func:`mnemosyne_core.mnemosyne.scheduled`); Mnemosyne
+    optimizers only. E.g. ``pretrained("default", schedule=optax.cosine_decay_schedule(5e-3, T))``.
     """
     from mnemosyne_core.meta.learned import LearnedOptimizer
+    from mnemosyne_core.mnemosyne import MnemosyneConfig, scheduled
 
     theta, config, _ = pretrained_theta(name)
+    if schedule is not None:
+        if not isinstance(config, MnemosyneConfig):
+            raise ValueError(f"pretrained({name!r}, schedule=...): direction mode needs a Mnemosyne "
+                             f"optimizer, {name!r} is a {type(config).__name__}")
+        return scheduled(theta, config, schedule)
     return LearnedOptimizer.for_config(config).transform(theta)

@@ -42,7 +42,7 @@ CONFIG_DIR = _SOURCE_CONFIGS if _SOURCE_CONFIGS.is_dir() else _PACKAGED_CONFIGS
 
 ESTIMATORS = ("es", "pes", "backprop")
 SHAPINGS = ("centered_rank", "zscore", "none")
-META_LOSSES = ("log_ratio", "heldout", "heldout_mean")
+META_LOSSES = ("log_ratio", "final", "heldout", "heldout_mean")
 OPTIMIZER_KINDS = ("mnemosyne", "lstm")
 
 
@@ -102,7 +102,10 @@ class EstimatorConfig:
     ``meta_loss``: ``log_ratio`` (mean log training-loss ratio over the unroll), ``heldout``
     (log of the task's held-out loss after the unroll over the initial loss) or
     ``heldout_mean`` (that log ratio after every K-step chunk, averaged: it rewards getting
-    there early, i.e. the area under the held-out curve, not only where the unroll ends).
+    there early, i.e. the area under the held-out curve, not only where the unroll ends) or
+    ``final`` (the mean log training-loss ratio over the last 10 % of the unroll: the score a
+    user reads at the end of training). ``tell_horizon`` passes each unroll's length to the
+    optimizer as ``update(..., total_steps=T)`` (for ``progress_schedule`` optimizers).
     ``shape_within_task`` applies ``shaping`` to each task spec's pairs separately: losses of
     different tasks are not comparable, so ranking them together lets the task with the widest
     spread decide the step. ``batch_pairs`` pairs share one vmapped call; groups are padded to
@@ -118,6 +121,7 @@ class EstimatorConfig:
     max_log_ratio: float = 2.0
     grad_clip: float = 10.0
     batch_pairs: int = 1  # pairs per vmapped call (fixed, padded): one compile per task shape
+    tell_horizon: bool = False  # update(..., total_steps=unroll length)
 
 
     def __post_init__(self) -> None:
@@ -125,8 +129,9 @@ class EstimatorConfig:
             raise ConfigError(f"estimator.kind must be one of {ESTIMATORS}, got {self.kind!r}")
         if self.shaping not in SHAPINGS:
             raise ConfigError(f"estimator.shaping must be one of {SHAPINGS}, got {self.shaping!r}")
-        if not isinstance(self.shape_within_task, bool):  # a TOML "true" string would read as truthy
-            raise ConfigError(f"estimator.shape_within_task must be true or false, got {self.shape_within_task!r}")
+        for flag in ("shape_within_task", "tell_horizon"):  # a TOML "true" string would read as truthy
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"estimator.{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.meta_loss not in META_LOSSES:
             raise ConfigError(f"estimator.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
         if self.num_pairs < 1 or self.truncation < 1 or self.batch_pairs < 1:

@@ -104,10 +104,11 @@ def _compiled(spec_json: str, config: MetaConfig, unravel_key: Any, backprop: bo
     est = config.estimator
     unravel = _UNRAVEL[unravel_key]
 
-    def one(theta_flat, state, horizon):
+    def one(theta_flat, state, horizon, total, score_from):
         new_state, out = run_chunk(task, lo, unravel(theta_flat), state, est.truncation, horizon,
-                                   est.max_log_ratio)
-        return out.log_ratio_sum / jnp.maximum(out.active_steps, 1), (new_state, out)
+                                   est.max_log_ratio, total_steps=total if est.tell_horizon else None,
+                                   score_from=score_from)
+        return out.log_ratio_sum / jnp.maximum(out.scored_steps, 1), (new_state, out)
 
     if backprop:
         step = jax.jit(jax.vmap(jax.value_and_grad(one, has_aux=True)))
@@ -208,6 +209,12 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     starts = np.array([0 if s is Status.RESET else t.start_step for t, s in zip(group, statuses)])
     ends = np.minimum(starts + np.array([t.num_steps for t in group]), [t.unroll_length for t in group])
     horizon = jnp.asarray(np.repeat(ends, m), jnp.int32)
+    lengths = np.array([t.unroll_length for t in group])
+    unroll_total = jnp.asarray(np.repeat(lengths, m), jnp.int32)  # the planned horizon T
+    # ``final``: only the last 10 % of each unroll is scored (what a user's final loss is).
+    first_scored = lengths - np.maximum(1, lengths // 10) if est.meta_loss == "final" else np.zeros_like(lengths)
+    score_from = jnp.asarray(np.repeat(first_scored, m), jnp.int32)
+    scored = jnp.zeros((n * m,), jnp.int32)
     total = jnp.zeros((n * m,), jnp.float32)
     count = jnp.zeros((n * m,), jnp.int32)
     ok = jnp.ones((n * m,), bool)
@@ -223,15 +230,16 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     curve_count = jnp.zeros((n * m,), jnp.int32)
     for _ in range(chunks):
         if backprop:
-            (_, (state, out)), grad = step(thetas, state, horizon)
+            (_, (state, out)), grad = step(thetas, state, horizon, unroll_total, score_from)
         else:
-            _, (state, out) = step(thetas, state, horizon)
+            _, (state, out) = step(thetas, state, horizon, unroll_total, score_from)
         total, count, ok = total + out.log_ratio_sum, count + out.active_steps, ok & out.ok
+        scored = scored + out.scored_steps
         if est.meta_loss == "heldout_mean":
             ran = out.active_steps > 0  # a member whose unroll already ended is not counted again
             curve_sum = curve_sum + jnp.where(ran, heldout_log_ratio(state), 0.0)
             curve_count = curve_count + ran.astype(jnp.int32)
-    meta = total / jnp.maximum(count, 1)
+    meta = total / jnp.maximum(scored, 1)
     if est.meta_loss == "heldout":
         meta = heldout_log_ratio(state)
     elif est.meta_loss == "heldout_mean":

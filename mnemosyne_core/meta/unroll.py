@@ -50,10 +50,11 @@ class InnerState(NamedTuple):
 
 
 class ChunkOut(NamedTuple):
-    log_ratio_sum: jax.Array  # Σ over active steps of min(log(loss/loss0), cap)
+    log_ratio_sum: jax.Array  # Σ over scored active steps of min(log(loss/loss0), cap)
     active_steps: jax.Array  # int32
     last_loss: jax.Array
     ok: jax.Array  # bool: every active loss and the parameters stayed finite
+    scored_steps: jax.Array  # int32: active steps at or after ``score_from`` (all of them by default)
 
 
 def scaled_params(state: InnerState) -> Any:
@@ -78,23 +79,32 @@ def init_inner(task: Any, lo: LearnedOptimizer, theta: Any, key: jax.Array,
 
 
 def run_chunk(task: Any, lo: LearnedOptimizer, theta: Any, state: InnerState, num_steps: int,
-              horizon: jax.Array | int, max_log_ratio: float) -> tuple[InnerState, ChunkOut]:
-    """Advance ``num_steps`` (static) steps under θ; steps at or past ``horizon`` change nothing."""
+              horizon: jax.Array | int, max_log_ratio: float, *, total_steps: jax.Array | int | None = None,
+              score_from: jax.Array | int = 0) -> tuple[InnerState, ChunkOut]:
+    """Advance ``num_steps`` (static) steps under θ; steps at or past ``horizon`` change nothing.
+
+    ``total_steps`` (the whole unroll's length, or ≤ 0 for "not told") is passed to the
+    optimizer's ``update`` as the planned horizon. Only steps ``t ≥ score_from`` add to
+    ``log_ratio_sum`` (the ``final`` meta-loss scores the end of the unroll).
+    """
     tx = lo.transform(theta)
     opt_state = lo.swap_theta(state.opt_state, theta)
     horizon = jnp.asarray(horizon, jnp.int32)
+    score_from = jnp.asarray(score_from, jnp.int32)
+    told = {} if total_steps is None else {"total_steps": jnp.asarray(total_steps, jnp.int32)}
     data_key = jax.random.wrap_key_data(state.data_key)
 
     def inner_loss(p: Any, scales: Any, batch: Any) -> jax.Array:
         return task.loss(jax.tree.map(lambda a, s: a * s, p, scales), batch)
 
     def step(carry, _):
-        params, opt_state, t, acc, n, last, ok = carry
+        params, opt_state, t, acc, n, scored, last, ok = carry
         batch = task.sample_batch(jax.random.fold_in(data_key, t))
         loss, grads = jax.value_and_grad(inner_loss)(params, state.scales, batch)
-        updates, new_opt = tx.update(grads, opt_state, params, loss=loss)
+        updates, new_opt = tx.update(grads, opt_state, params, loss=loss, **told)
         new_params = optax.apply_updates(params, updates)
         active = t < horizon
+        counted = active & (t >= score_from)
         finite = jnp.isfinite(loss)
         term = jnp.minimum(jnp.log(jnp.maximum(loss, _TINY) / jnp.maximum(state.loss0, _TINY)), max_log_ratio)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
@@ -102,17 +112,18 @@ def run_chunk(task: Any, lo: LearnedOptimizer, theta: Any, state: InnerState, nu
             keep(new_params, params),
             keep(new_opt, opt_state),
             t + active.astype(jnp.int32),
-            acc + jnp.where(active & finite, term, 0.0),
+            acc + jnp.where(counted & finite, term, 0.0),
             n + active.astype(jnp.int32),
+            scored + counted.astype(jnp.int32),
             jnp.where(active, loss, last),
             ok & (finite | ~active),
         )
         return carry, None
 
-    init = (state.params, opt_state, state.step, jnp.float32(0.0), jnp.int32(0),
+    init = (state.params, opt_state, state.step, jnp.float32(0.0), jnp.int32(0), jnp.int32(0),
             jnp.float32(jnp.nan), jnp.array(True))
-    (params, opt_state, t, acc, n, last, ok), _ = jax.lax.scan(step, init, None, length=num_steps)
+    (params, opt_state, t, acc, n, scored, last, ok), _ = jax.lax.scan(step, init, None, length=num_steps)
     for leaf in jax.tree.leaves(params):
         ok = ok & jnp.all(jnp.isfinite(leaf))
     new_state = state._replace(params=params, opt_state=opt_state, step=t)
-    return new_state, ChunkOut(acc, n, last, ok)
+    return new_state, ChunkOut(acc, n, last, ok, scored)

@@ -1,0 +1,186 @@
+"""The training-progress input (``total_steps=``), the learned schedule and direction mode (``scheduled``)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mnemosyne_core as mn
+from mnemosyne_core.head import progress_features, progress_log_schedule
+from mnemosyne_core.meta.config import ConfigError, EstimatorConfig
+from mnemosyne_core.meta.learned import LearnedOptimizer
+from mnemosyne_core.meta.unroll import init_inner, run_chunk
+from mnemosyne_core.mnemosyne import (
+    MnemosyneConfig,
+    init_theta,
+    mnemosyne,
+    scale_by_mnemosyne,
+    scheduled,
+)
+from mnemosyne_core.tasks import TaskSpec, make_task
+
+BASE = {"variant": "tensor", "hypergradient": True, "direction_correction": False, "use_param_feature": False,
+        "num_features": 4, "width": 4, "value_width": 2, "tokens_per_chunk": 4, "hpe_hidden": 8,
+        "learning_rate": 5e-3}
+CONFIG = MnemosyneConfig(progress_schedule=True, **BASE)
+KNOTS = jnp.array([0.5, -1.0, -2.0, -4.0, -6.0], jnp.float32)
+
+
+def _params():
+    return {"w": jnp.linspace(-1.0, 1.0, 60).reshape(12, 5), "b": jnp.zeros(5)}
+
+
+def _grads(scale=1.0):
+    return {"w": scale * jnp.cos(jnp.arange(60.0)).reshape(12, 5), "b": scale * jnp.ones(5)}
+
+
+def _with_knots(theta, knots):
+    theta = jax.tree.map(lambda x: x, theta)
+    theta["sched"] = {"knots": knots}
+    return theta
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_progress_features_absent_present_and_clamped():
+    np.testing.assert_array_equal(progress_features(jnp.int32(5), None), [0.0, 0.0])
+    np.testing.assert_array_equal(progress_features(jnp.int32(5), 0), [0.0, 0.0])  # ≤ 0 = not told
+    np.testing.assert_allclose(progress_features(jnp.int32(25), 100), [0.25, 1.0])
+    np.testing.assert_allclose(progress_features(jnp.int32(300), 100), [1.0, 1.0])  # past T: end of schedule
+
+
+def test_schedule_interpolates_knots_and_is_off_without_horizon():
+    for p, want in [(0.0, 0.5), (0.125, -0.25), (0.5, -2.0), (0.9, -5.2), (1.0, -6.0)]:
+        got = progress_log_schedule(KNOTS, jnp.array([p, 1.0]), bounds=(-7.0, 1.0))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert float(progress_log_schedule(KNOTS, jnp.zeros(2), bounds=(-7.0, 1.0))) == 0.0
+    clipped = progress_log_schedule(jnp.full(5, -20.0), jnp.array([0.5, 1.0]), bounds=(-7.0, 1.0))
+    assert float(clipped) == -7.0
+
+
+def test_fresh_theta_ignores_the_horizon_and_matches_the_config_without_progress():
+    params, grads = _params(), _grads()
+    theta = init_theta(jax.random.key(0), CONFIG)
+    assert np.all(np.asarray(theta["sched"]["knots"]) == 0)
+    tx = mnemosyne(theta, CONFIG)
+    plain_config = MnemosyneConfig(**BASE)
+    plain = mnemosyne(init_theta(jax.random.key(0), plain_config), plain_config)
+    s_told, s_untold, s_plain = tx.init(params), tx.init(params), plain.init(params)
+    for _ in range(4):
+        u_told, s_told = tx.update(grads, s_told, params, total_steps=10)
+        u_untold, s_untold = tx.update(grads, s_untold, params)
+        u_plain, s_plain = plain.update(grads, s_plain, params)
+        for a, b, c in zip(_leaves(u_told), _leaves(u_untold), _leaves(u_plain)):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+            np.testing.assert_allclose(a, c, rtol=1e-6)
+
+
+def test_learned_schedule_scales_the_step_by_exp_of_the_knots_at_t_over_T():
+    params, grads = _params(), _grads()
+    theta = _with_knots(init_theta(jax.random.key(0), CONFIG), KNOTS)
+    tx = mnemosyne(theta, CONFIG)
+    state = tx.init(params)
+    total = 40
+    grid = np.linspace(0, 1, 5)
+    for t in range(0, 60, 7):
+        state_t = state._replace(count=jnp.int32(t))
+        told, _ = tx.update(grads, state_t, params, total_steps=total)
+        untold, _ = tx.update(grads, state_t, params)
+        want = np.exp(np.interp(min(t / total, 1.0), grid, np.asarray(KNOTS)))
+        ratio = np.asarray(told["b"]) / np.asarray(untold["b"])
+        np.testing.assert_allclose(ratio, want, rtol=2e-5)
+    # Not told (None or 0): the learned schedule is off.
+    a, _ = tx.update(grads, state, params, total_steps=0)
+    b, _ = tx.update(grads, state, params)
+    for x, y in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_total_steps_is_traced_no_recompile_for_another_horizon():
+    params, grads = _params(), _grads()
+    theta = _with_knots(init_theta(jax.random.key(0), CONFIG), KNOTS)
+    tx = mnemosyne(theta, CONFIG)
+    step = jax.jit(lambda g, s, p, T: tx.update(g, s, p, total_steps=T))
+    state = tx.init(params)
+    u1, _ = step(grads, state._replace(count=jnp.int32(10)), params, jnp.int32(20))
+    size = step._cache_size()
+    u2, _ = step(grads, state._replace(count=jnp.int32(10)), params, jnp.int32(400))
+    assert step._cache_size() == size
+    assert not np.allclose(np.asarray(u1["b"]), np.asarray(u2["b"]))  # p = 0.5 vs 0.025
+
+
+def test_scheduled_is_the_direction_times_the_users_schedule():
+    params, grads = _params(), _grads()
+    theta = _with_knots(init_theta(jax.random.key(1), CONFIG), KNOTS)
+    schedule = optax.cosine_decay_schedule(3e-3, 30)
+    tx = scheduled(theta, CONFIG, schedule)
+    ref = scale_by_mnemosyne(theta, CONFIG)  # told no horizon: its learned schedule is off too
+    s, s_ref = tx.init(params), ref.init(params)
+    for t in range(5):
+        u, s = tx.update(grads, s, params, total_steps=30)  # total_steps is ignored in direction mode
+        d, s_ref = ref.update(grads, s_ref, params)
+        for a, b in zip(_leaves(u), _leaves(d)):
+            np.testing.assert_allclose(a, -float(schedule(t)) * b, rtol=1e-5, atol=1e-12)
+    constant = scheduled(theta, CONFIG, 2e-3)
+    u, _ = constant.update(grads, constant.init(params), params)
+    d, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_allclose(np.asarray(u["b"]), -2e-3 * np.asarray(d["b"]), rtol=1e-6)
+
+
+def test_pretrained_schedule_mode_and_its_errors():
+    params, grads = _params(), _grads()
+    tx = mn.pretrained("default", schedule=optax.constant_schedule(1e-3))
+    u, _ = tx.update(grads, tx.init(params), params, total_steps=100)
+    theta, config, _ = mn.pretrained_theta("default")
+    d, _ = scale_by_mnemosyne(theta, config).update(grads, scale_by_mnemosyne(theta, config).init(params), params)
+    np.testing.assert_allclose(np.asarray(u["b"]), -1e-3 * np.asarray(d["b"]), rtol=1e-5)
+    with pytest.raises(ValueError, match="direction mode needs a Mnemosyne"):
+        mn.pretrained("lstm", schedule=1e-3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="tensor"):
+        MnemosyneConfig(variant="coordinate", progress_schedule=True)
+    with pytest.raises(ValueError, match="schedule_knots"):
+        MnemosyneConfig(progress_schedule=True, schedule_knots=1)
+    with pytest.raises(ValueError, match="schedule_min_log"):
+        MnemosyneConfig(schedule_min_log=0.5)
+    with pytest.raises(ConfigError, match="tell_horizon"):
+        EstimatorConfig(tell_horizon="yes")
+    assert EstimatorConfig(meta_loss="final").meta_loss == "final"
+
+
+def test_run_chunk_tells_the_horizon_and_scores_from_a_step():
+    task = make_task(TaskSpec("quadratic", {"dim": 8}))
+    lo = LearnedOptimizer.for_config(CONFIG)
+    theta = _with_knots(lo.init_theta(jax.random.key(0)), jnp.array([0.0, -3.0, -6.0, -6.0, -6.0]))
+    state = init_inner(task, lo, theta, jax.random.key(3), (1.0, 1.0))
+    told, out_told = run_chunk(task, lo, theta, state, 20, 20, 2.0, total_steps=20)
+    untold, _ = run_chunk(task, lo, theta, state, 20, 20, 2.0)
+    zero, _ = run_chunk(task, lo, theta, state, 20, 20, 2.0, total_steps=0)
+    moved_told = float(jnp.sum(jnp.abs(told.params["x"] - state.params["x"])))
+    moved_untold = float(jnp.sum(jnp.abs(untold.params["x"] - state.params["x"])))
+    assert moved_told < 0.5 * moved_untold  # the decaying schedule took much smaller steps
+    np.testing.assert_array_equal(np.asarray(zero.params["x"]), np.asarray(untold.params["x"]))
+    assert int(out_told.scored_steps) == 20 and int(out_told.active_steps) == 20
+    # score_from: only the last steps add to the meta-loss sum; active steps still count all.
+    _, late = run_chunk(task, lo, theta, state, 20, 20, 2.0, total_steps=20, score_from=15)
+    assert int(late.scored_steps) == 5 and int(late.active_steps) == 20
+    assert float(late.log_ratio_sum) != pytest.approx(float(out_told.log_ratio_sum))
+    assert float(late.log_ratio_sum) / 5 < float(out_told.log_ratio_sum) / 20  # the end is lower than the mean
+
+
+def test_learned_optimizer_entry_passes_the_contract_kwargs():
+    entry = mn.OPTIMIZERS["mnemosyne_tensor_sched"]
+    theta = entry.init_theta(jax.random.key(0))
+    tx = entry.build(theta)
+    params, grads = _params(), _grads()
+    u, s = tx.update(grads, tx.init(params), params, loss=jnp.float32(1.0), total_steps=10, unknown=3)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(u))
+    assert int(s.count) == 1 and dataclasses.is_dataclass(entry.make_config())
