@@ -24,7 +24,16 @@ SPECS = {
     "digits_mlp": TaskSpec("digits_mlp", {"hidden": [16], "batch_size": 64}),
     "mnist1d_mlp": TaskSpec("mnist1d_mlp", {"hidden": [16], "activation": "tanh", "batch_size": 64}),
     "digits_vit": TaskSpec("digits_vit", {"patch": 4, "dim": 16, "heads": 2, "batch_size": 64}),
+    # held-out evaluation tasks
+    "wine_mlp": TaskSpec("wine_mlp", {"hidden": [16], "batch_size": 32}),
+    "cancer_mlp": TaskSpec("cancer_mlp", {"hidden": [16], "activation": "tanh", "batch_size": 32}),
+    "blobs_mlp": TaskSpec("blobs_mlp", {"hidden": [16], "batch_size": 64}),
+    "diabetes_mlp": TaskSpec("diabetes_mlp", {"hidden": [16], "batch_size": 32}),
+    "friedman_mlp": TaskSpec("friedman_mlp", {"hidden": [16], "activation": "tanh", "batch_size": 32}),
+    "digits_autoencoder": TaskSpec("digits_autoencoder", {"hidden": [16, 4, 16], "batch_size": 64}),
+    "digits_convnet": TaskSpec("digits_convnet", {"channels": [8, 16], "batch_size": 64}),
 }
+SQUARED_ERROR = {"quadratic", "diabetes_mlp", "friedman_mlp", "digits_autoencoder"}
 
 
 def _equal(a, b) -> bool:
@@ -71,7 +80,7 @@ def test_adam_steps_lower_the_loss(name):
     assert bool(jnp.all(jnp.isfinite(losses)))
     before, after = task.evaluate(params), task.evaluate(trained)
     assert float(after["test_loss"]) < 0.8 * float(before["test_loss"])
-    if name != "quadratic":
+    if name not in SQUARED_ERROR:
         assert set(before) == {"test_loss", "test_accuracy"}
         assert float(after["test_accuracy"]) > float(before["test_accuracy"])
     else:
@@ -195,8 +204,60 @@ def test_heldout_family_is_outside_meta_training():
     assert {s.name for s in heldout} >= {"digits_vit", "mnist1d_mlp"}
     train_acts = {s.kwargs["activation"] for s in FAMILIES["digits_mlp_small"].support()}
     assert any(s.kwargs.get("activation") not in train_acts for s in heldout if "activation" in s.kwargs)
-    spec = next(s for s in heldout if s.name == "mnist1d_mlp")
+    spec = next(s for s in heldout if s.name == "mnist1d_mlp" and len(s.kwargs["hidden"]) == 3)
     assert make_task(spec).init(jax.random.key(0))["dense_3"]["w"].shape == (96, 10)
+
+
+def test_heldout_suite_is_broad_and_disjoint_from_the_shipped_meta_training_tasks():
+    from mnemosyne_core.meta.config import load_config
+    from mnemosyne_core.tasks.families import HELDOUT_SUITE
+
+    heldout = FAMILIES["heldout"].support()
+    assert set(heldout) == set(HELDOUT_SUITE) and len(heldout) >= 10
+    trained = {make_task(TaskSpec(d["name"], d["kwargs"])).spec for d in load_config("default").tasks.spec_dicts}
+    assert not {make_task(s).spec for s in heldout} & trained
+    names = {s.name for s in heldout}
+    # other data sets, regression, an autoencoder, a conv net, a transformer, ~10× sizes
+    assert {"wine_mlp", "cancer_mlp", "blobs_mlp", "diabetes_mlp", "friedman_mlp", "digits_autoencoder",
+            "digits_convnet", "digits_vit"} <= names
+    biggest_trained = max(_num_params(s) for s in trained)
+    assert max(_num_params(s) for s in heldout) >= 7.5 * biggest_trained  # digits 512×512: 301 k vs 37.8 k
+
+
+def _num_params(spec) -> int:
+    params = jax.eval_shape(make_task(spec).init, jax.random.key(0))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def test_regression_and_autoencoder_targets():
+    reg = make_task(SPECS["diabetes_mlp"])
+    x, y = reg.sample_batch(jax.random.key(0))
+    assert x.shape == (32, 10) and y.shape == (32,) and y.dtype == jnp.float32
+    assert abs(float(reg.data.y_train.mean())) < 1e-5 and abs(float(reg.data.y_train.std()) - 1) < 1e-4
+    params = reg.init(jax.random.key(1))
+    pred = reg.apply(params, x)[:, 0]
+    np.testing.assert_allclose(reg.loss(params, (x, y)), jnp.mean((pred - y) ** 2), rtol=1e-6)
+    ae = make_task(TaskSpec("digits_autoencoder", {"hidden": [8], "batch_size": 16, "input_noise": 0.5}))
+    noisy, clean = ae.sample_batch(jax.random.key(2))
+    rows = [int(jnp.argmin(jnp.sum((ae.data.x_train - c) ** 2, axis=1))) for c in clean]
+    np.testing.assert_array_equal(np.asarray(ae.data.x_train[np.array(rows)]), np.asarray(clean))  # clean rows
+    assert float(jnp.mean((noisy - clean) ** 2)) > 0.1  # the input is the noisy copy of the target
+    with pytest.raises(ValueError, match="unknown squared-error task"):
+        from mnemosyne_core.tasks.regression import SquaredErrorMLPTask
+
+        SquaredErrorMLPTask("nope")
+
+
+def test_convnet_is_translation_equivariant_before_pooling():
+    task = make_task(SPECS["digits_convnet"])
+    params = task.init(jax.random.key(0))
+    img = jnp.zeros((1, 8, 8)).at[0, 2, 2].set(1.0)
+    shifted = jnp.roll(img, 2, axis=2)  # both impulses are away from the border
+    logits = task.apply(params, img.reshape(1, 64))
+    logits_shifted = task.apply(params, shifted.reshape(1, 64))
+    np.testing.assert_allclose(logits, logits_shifted, rtol=1e-5, atol=1e-6)  # stride-2 shift by 2 ⇒ same pool
+    with pytest.raises(ValueError, match="two widths"):
+        make_task(TaskSpec("digits_convnet", {"channels": [4]}))
 
 
 def test_mixture_respects_weights_and_validates():
@@ -224,7 +285,8 @@ def test_tasks_vmap_over_a_population(name):
         np.testing.assert_allclose(losses[i], task.loss(one, task.sample_batch(keys[i])), rtol=1e-5)
 
 
-@pytest.mark.parametrize("module", ["base", "data", "quadratic", "mlp", "vit", "builtin", "families"])
+@pytest.mark.parametrize("module", ["base", "data", "quadratic", "mlp", "vit", "builtin", "families",
+                                    "regression", "convnet"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -13,6 +13,11 @@ name            problem                                                    metri
                 ``depth``, ``heads``, ``mlp_ratio``, ``batch_size``)
 ==============  =========================================================  ==================
 
+Held-out evaluation tasks (never meta-trained on): ``wine_mlp``, ``cancer_mlp``, ``blobs_mlp``
+(MLP classifiers on scikit-learn tables, same kwargs as ``digits_mlp``), ``diabetes_mlp``,
+``friedman_mlp`` (regression MLPs, ``test_loss`` = MSE), ``digits_autoencoder`` (an MLP
+autoencoder) and ``digits_convnet`` (``channels``, ``activation``, ``batch_size``).
+
 ``make_task`` imports this module lazily, so ``mnemosyne_core.tasks.base`` needs
 no data packages; the data sets themselves load on first use and are cached.
 
@@ -28,15 +33,24 @@ from __future__ import annotations
 import functools
 
 from mnemosyne_core.tasks.base import register_task
+from mnemosyne_core.tasks.convnet import ConvNetTask
 from mnemosyne_core.tasks.mlp import MLPTask
 from mnemosyne_core.tasks.quadratic import QuadraticTask
+from mnemosyne_core.tasks.regression import SQUARED_ERROR_TASKS, SquaredErrorMLPTask
 from mnemosyne_core.tasks.vit import ViTTask
 
 __all__ = ["BUILTIN_TASKS"]
 
-BUILTIN_TASKS = ("quadratic", "digits_mlp", "mnist1d_mlp", "digits_vit")
+BUILTIN_TASKS = ("quadratic", "digits_mlp", "mnist1d_mlp", "digits_vit", "wine_mlp", "cancer_mlp", "blobs_mlp",
+                 *SQUARED_ERROR_TASKS, "digits_convnet")
 
 register_task("quadratic")(QuadraticTask)
 register_task("digits_mlp")(functools.partial(MLPTask, "digits"))
 register_task("mnist1d_mlp")(functools.partial(MLPTask, "mnist1d"))
 register_task("digits_vit")(ViTTask)
+register_task("wine_mlp")(functools.partial(MLPTask, "wine"))
+register_task("cancer_mlp")(functools.partial(MLPTask, "breast_cancer"))
+register_task("blobs_mlp")(functools.partial(MLPTask, "blobs5"))
+for _name in SQUARED_ERROR_TASKS:
+    register_task(_name)(functools.partial(SquaredErrorMLPTask, _name))
+register_task("digits_convnet")(ConvNetTask)

@@ -1,10 +1,16 @@
 """Offline classification data sets, loaded once per process and cached.
 
-Both data sets are produced locally, never downloaded:
+Every data set is produced locally, never downloaded:
 
 * ``digits``: scikit-learn's bundled ``load_digits`` (1797 8×8 images, 10 classes);
 * ``mnist1d``: MNIST-1D generated with ``mnist1d.data.make_dataset`` from its
-  default arguments (40 features, 10 classes).
+  default arguments (40 features, 10 classes);
+* ``wine`` (178×13, 3 classes) and ``breast_cancer`` (569×30, 2 classes): scikit-learn's
+  bundled tables; ``blobs5``: ``make_classification`` (3000×20, 5 classes, fixed seed);
+* regression (``num_classes == 0``, float targets standardised with training statistics):
+  ``diabetes`` (442×10, bundled) and ``friedman1`` (``make_friedman1``, 2000×10, noise 1).
+
+These extra sets belong to the held-out evaluation suite: meta-training never sees them.
 
 The train/test split is a fixed permutation drawn from an explicit seed
 (``numpy.random.default_rng(seed)``, never the global numpy RNG), and inputs are
@@ -28,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DATASETS", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "REGRESSION_DATASETS", "Dataset", "load_dataset"]
 
-DATASETS = ("digits", "mnist1d")
+DATASETS = ("digits", "mnist1d", "wine", "breast_cancer", "blobs5", "diabetes", "friedman1")
+REGRESSION_DATASETS = ("diabetes", "friedman1")
 
 # Sizes are kept small on purpose: inner problems run on 2 CPU cores.
 _DIGITS_TEST = 297  # 1500 train / 297 test
@@ -40,7 +47,8 @@ _MNIST1D_TEST = 1000
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Device arrays of one split data set (inputs float32, labels int32)."""
+    """Device arrays of one split data set (inputs float32; labels int32, or float32 targets
+    of a regression set, whose ``num_classes`` is 0)."""
 
     name: str
     x_train: jax.Array
@@ -99,21 +107,65 @@ def _mnist1d_numpy(seed: int):
     return _split(x, y, _MNIST1D_TEST, seed)
 
 
-@functools.lru_cache(maxsize=8)
+def _sklearn(name: str):
+    try:
+        from sklearn import datasets
+    except ModuleNotFoundError as exc:  # optional 'train' extra
+        raise ModuleNotFoundError(f"the {name} tasks need scikit-learn: install mnemosyne[train]",
+                                  name=exc.name) from exc
+    return datasets
+
+
+def _table_numpy(name: str, seed: int):
+    """The bundled/generated tables; generators use their own fixed ``random_state`` (0)."""
+    datasets = _sklearn(name)
+    if name == "wine":
+        raw = datasets.load_wine()
+        x, y, n_test = raw.data, raw.target, 38
+    elif name == "breast_cancer":
+        raw = datasets.load_breast_cancer()
+        x, y, n_test = raw.data, raw.target, 100
+    elif name == "blobs5":
+        x, y = datasets.make_classification(n_samples=3000, n_features=20, n_informative=10, n_redundant=4,
+                                            n_classes=5, n_clusters_per_class=2, class_sep=1.0, flip_y=0.02,
+                                            random_state=0)
+        n_test = 500
+    elif name == "diabetes":
+        raw = datasets.load_diabetes()
+        x, y, n_test = raw.data, raw.target, 80
+    else:  # friedman1
+        x, y = datasets.make_friedman1(n_samples=2000, n_features=10, noise=1.0, random_state=0)
+        n_test = 400
+    y = y.astype(np.float64 if name in REGRESSION_DATASETS else np.int32)
+    return _split(x.astype(np.float64), y, n_test, seed)
+
+
+_LOADERS = {"digits": _digits_numpy, "mnist1d": _mnist1d_numpy}
+_CLASSES = {"digits": 10, "mnist1d": 10, "wine": 3, "breast_cancer": 2, "blobs5": 5, "diabetes": 0,
+            "friedman1": 0}
+
+
+@functools.lru_cache(maxsize=16)
 def load_dataset(name: str, seed: int = 0) -> Dataset:
-    """The standardised train/test split of ``name`` (``"digits"`` or ``"mnist1d"``)."""
+    """The standardised train/test split of ``name`` (one of :data:`DATASETS`)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"dataset seed must be a non-negative int, got {seed!r}")
-    loader = _digits_numpy if name == "digits" else _mnist1d_numpy
+    loader = _LOADERS.get(name, lambda s: _table_numpy(name, s))
     x_tr, y_tr, x_te, y_te = loader(seed)
     x_tr, x_te = _standardise(x_tr, x_te)
+    if name in REGRESSION_DATASETS:  # unit-variance targets: losses of the two sets are comparable
+        mean, std = y_tr.mean(), max(float(y_tr.std()), 1e-3)
+        y_tr, y_te = (y_tr - mean) / std, (y_te - mean) / std
+        labels = jnp.float32
+    else:
+        labels = jnp.int32
     return Dataset(
         name=name,
         x_train=jnp.asarray(x_tr, jnp.float32),
-        y_train=jnp.asarray(y_tr, jnp.int32),
+        y_train=jnp.asarray(y_tr, labels),
         x_test=jnp.asarray(x_te, jnp.float32),
-        y_test=jnp.asarray(y_te, jnp.int32),
-        num_classes=10,
+        y_test=jnp.asarray(y_te, labels),
+        num_classes=_CLASSES[name],
     )

@@ -13,8 +13,11 @@ and warm them up front if needed.
   width 32/64, depth 1/2, ReLU/tanh, with task augmentation (init scale 1 or 2);
 * ``digits_mlp_wide`` — a broader meta-training distribution (widths to 128,
   depth to 3, three activations, init scales 0.5–2, input noise);
-* ``heldout`` — tasks never seen in meta-training: the tiny ViT, MNIST-1D MLPs
-  of unseen width/depth, digits MLPs with unseen activations and depth.
+* ``heldout`` — the project's held-out evaluation suite (:data:`HELDOUT_SUITE`, 13 tasks that
+  meta-training never sees): MLP classifiers on three other data sets (wine, breast cancer,
+  a generated 5-class set), two regression MLPs, a digits autoencoder, a small conv net, two
+  tiny ViTs, MNIST-1D/digits MLPs of unseen width, depth and activation, and two MLPs ~8×
+  the size of the largest meta-training network.
 
 Example:
     >>> import jax
@@ -37,6 +40,7 @@ from mnemosyne_core.tasks.base import TaskFamily, TaskSpec
 
 __all__ = [
     "FAMILIES",
+    "HELDOUT_SUITE",
     "DigitsMLPFamily",
     "FixedFamily",
     "MLPFamily",
@@ -219,6 +223,29 @@ class MixtureFamily:
         return sorted(specs, key=TaskSpec.to_json)
 
 
+def _spec(name: str, **kwargs: Any) -> TaskSpec:
+    return TaskSpec(name, kwargs)
+
+
+# Outside every meta-training family (configs/default.toml trains on digits and MNIST-1D MLPs of
+# widths ≤ 160, depth ≤ 3, relu/tanh/gelu): other data sets, other losses, other architectures,
+# unseen activations/depths, and sizes ~8× the largest meta-training network (≈ 37 k parameters).
+HELDOUT_SUITE: tuple[TaskSpec, ...] = (
+    _spec("wine_mlp", hidden=[32], activation="relu", batch_size=32),
+    _spec("cancer_mlp", hidden=[64, 64], activation="tanh", batch_size=64),
+    _spec("blobs_mlp", hidden=[128, 128], activation="silu", batch_size=128),
+    _spec("diabetes_mlp", hidden=[64], activation="relu", batch_size=32),
+    _spec("friedman_mlp", hidden=[128, 128], activation="tanh", batch_size=64),
+    _spec("digits_autoencoder", hidden=[32, 8, 32], activation="elu", batch_size=128),
+    _spec("digits_convnet", channels=[8, 16], activation="relu", batch_size=128),
+    _spec("digits_vit", patch=4, dim=32, depth=2, heads=2),
+    _spec("digits_vit", patch=4, dim=16, depth=1, heads=2, mlp_ratio=4, batch_size=64),
+    _spec("mnist1d_mlp", hidden=[96, 96, 96], activation="silu", batch_size=128),
+    _spec("digits_mlp", hidden=[256, 256, 256], activation="elu", batch_size=128),
+    _spec("mnist1d_mlp", hidden=[1024], activation="gelu", batch_size=128),  # ~52 k parameters
+    _spec("digits_mlp", hidden=[512, 512], activation="relu", batch_size=64),  # ~300 k parameters
+)
+
 FAMILIES: dict[str, TaskFamily] = {
     "digits_mlp_tiny": DigitsMLPFamily(widths=(32,), depths=(1,), activations=("relu",),
                                        name="digits_mlp_tiny"),
@@ -229,13 +256,6 @@ FAMILIES: dict[str, TaskFamily] = {
                                        param_scales=(0.5, 1.0, 2.0), input_noises=(0.0, 0.1),
                                        name="digits_mlp_wide"),
     "quadratic": QuadraticFamily(),
-    "heldout": MixtureFamily(
-        families=(
-            ViTFamily(patches=(4, 2), name="heldout_vit"),
-            # Unseen width, depth and activation, on a different data set.
-            MNIST1DMLPFamily(widths=(96,), depths=(3,), activations=("silu", "relu"), name="heldout_mnist1d"),
-            DigitsMLPFamily(widths=(256,), depths=(3,), activations=("elu",), name="heldout_digits"),
-        ),
-        name="heldout",
-    ),
+    "heldout": MixtureFamily(families=tuple(FixedFamily(s, name=f"heldout_{s.name}") for s in HELDOUT_SUITE),
+                             name="heldout"),
 }
