@@ -5,7 +5,7 @@ checkpoint format) and are produced by the documented meta-training commands:
 
 * ``default`` — ``mnemosyne meta-train --config default --seed 0 --out runs/default``
   (``runs/default/optimizer.msgpack``);
-* ``lstm`` — the LSTM baseline, same config and budget:
+* ``lstm`` — the LSTM baseline, the same config (as of commit 2933842) and budget:
   ``mnemosyne meta-train --config default --optimizer-kind lstm --seed 0 --out runs/default_lstm``;
 * ``default_v1`` — the first shipped ``default`` (before the hypergradient step sizes:
   Adam's direction with a learned per-coordinate correction and a loss-progress feature),
