@@ -47,6 +47,99 @@ def test_fresh_theta_matches_adam_with_the_same_step_size(quick_results):
         assert f["fresh"] != pytest.approx(f["adam(1.0e-02)"], rel=2e-3)
 
 
+def test_fresh_column_is_the_same_run_with_a_fresh_theta(quick_results):
+    # The learned θ here *is* a fresh θ (key 0): its [fresh] column must match it seed for seed.
+    [task] = quick_results["tasks"].values()
+    for h in ("1", "2"):
+        seeds = task["horizons"][h]["final_train_loss_seeds"]
+        assert seeds["fresh"] == pytest.approx(seeds["fresh[fresh]"], rel=1e-6)
+        assert seeds["fresh+cos"] == pytest.approx(seeds["fresh[fresh]+cos"], rel=1e-6)
+    assert quick_results["config"]["learned"]["fresh"] == ["fresh", "fresh[fresh]", "fresh+cos", "fresh[fresh]+cos"]
+
+
+def _manual_final(task, make_tx, steps: int, seed: int, **extra) -> float:
+    """Mean training loss over the last 10 % of ``steps`` of one run, written out independently."""
+    key = jax.random.key(seed)
+    params = task.init(jax.random.fold_in(key, 0))
+    tx = make_tx()
+    state = tx.init(params)
+    data = jax.random.fold_in(key, 1)
+
+    @jax.jit
+    def step(params, state, t):
+        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(jax.random.fold_in(data, t)))
+        updates, state = tx.update(grads, state, params, loss=loss, **extra)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for t in range(steps):
+        params, state, loss = step(params, state, t)
+        losses.append(float(loss))
+    window = max(1, steps // 10)
+    return float(np.mean(losses[-window:]))
+
+
+def test_cosine_adam_is_told_its_own_horizon(quick_results):
+    [task_res] = quick_results["tasks"].values()
+    task = mn.make_task(evaluation.suite_specs("quick")[0])
+    for h, steps in (("1", 20), ("2", 40)):
+        got = task_res["horizons"][h]["final_train_loss_seeds"]["adam_cos(1.0e-02)"]
+        want = [_manual_final(task, lambda s=steps: optax.adam(optax.cosine_decay_schedule(1e-2, s)), steps, seed)
+                for seed in (0, 1)]
+        assert got == pytest.approx(want, rel=1e-4)
+    best = task_res["horizons"]["1"]["adam_cos_best"]
+    cos = {n: v for n, v in task_res["horizons"]["1"]["final_train_loss"].items() if n.startswith("adam_cos(")}
+    assert len(cos) == 7 and best == min(cos, key=cos.get)
+
+
+@pytest.fixture(scope="module")
+def progress_results():
+    # A progress-schedule config whose θ decays hard at the end: told the horizon it must differ
+    # from the untold run, while its fresh θ ignores the horizon.
+    config = MnemosyneConfig(learning_rate=1e-2, hypergradient=True, direction_correction=False,
+                             use_param_feature=False, progress_schedule=True)
+    theta = init_theta(jax.random.key(0), config)
+    theta["sched"] = {"knots": jnp.array([0.0, 0.0, -1.0, -3.0, -6.0])}
+    learned = Learned("ours", theta, config)
+    specs = evaluation.suite_specs("quick") + [mn.TaskSpec("digits_mlp", {"hidden": [16], "batch_size": 64})]
+    return evaluation.run_suite(specs, [learned], steps=20, seeds=2, horizons=(1,), include=("adam",)), learned
+
+
+def test_told_and_schedule_columns(progress_results):
+    results, learned = progress_results
+    cols = results["config"]["learned"]["ours"]
+    assert cols == ["ours", "ours[fresh]", "ours+T", "ours[fresh]+T", "ours+cos", "ours[fresh]+cos"]
+    task_res = next(iter(results["tasks"].values()))
+    seeds = task_res["horizons"]["1"]["final_train_loss_seeds"]
+    assert seeds["ours[fresh]+T"] == pytest.approx(seeds["ours[fresh]"], rel=1e-6)  # fresh θ ignores T
+    assert seeds["ours+T"] != pytest.approx(seeds["ours"], rel=1e-3)
+    task = mn.make_task(evaluation.suite_specs("quick")[0])
+    told = _manual_final(task, learned.transform, 20, 0, total_steps=20)
+    assert seeds["ours+T"][0] == pytest.approx(told, rel=1e-4)
+    sched = _manual_final(task, lambda: mn.scheduled(learned.theta, learned.config,
+                                                     optax.cosine_decay_schedule(1e-2, 20)), 20, 1)
+    assert seeds["ours+cos"][1] == pytest.approx(sched, rel=1e-4)
+
+
+def test_summary_lines_are_computed_from_the_task_rows(progress_results):
+    results, _ = progress_results
+    rows = [t["horizons"]["1"] for t in results["tasks"].values()]
+    entry = next(e for e in results["summary"] if e["optimizer"] == "ours+T" and e["horizon"] == 1)
+    finals = [r["final_train_loss"] for r in rows]
+    assert entry["tasks"] == 2
+    assert entry["wins_vs_adam_best"] == sum(f["ours+T"] <= f[r["adam_best"]] for f, r in zip(finals, rows))
+    assert entry["wins_vs_adam_cos_best"] == sum(f["ours+T"] <= f[r["adam_cos_best"]] for f, r in zip(finals, rows))
+    assert entry["wins_vs_fresh"] == sum(f["ours+T"] < f["ours[fresh]+T"] for f in finals)
+    logs = [np.log(f["ours+T"] / f[r["adam_cos_best"]]) for f, r in zip(finals, rows)]
+    assert entry["vs_cos"]["geomean"] == pytest.approx(float(np.exp(np.mean(logs))), rel=1e-9)
+    assert entry["vs_cos"]["se_tasks"] == pytest.approx(float(np.std(logs, ddof=1) / np.sqrt(2)), rel=1e-9)
+    fresh_logs = [np.log(f["ours+T"] / f["ours[fresh]+T"]) for f in finals]
+    assert entry["vs_fresh"]["geomean"] == pytest.approx(float(np.exp(np.mean(fresh_logs))), rel=1e-9)
+    lines = evaluation.format_summary(results["summary"])
+    assert any(line.startswith("ours+T @ 1x:") and f"< fresh θ on {entry['wins_vs_fresh']}/2" in line
+               for line in lines)
+
+
 def test_table_and_plots(quick_results, tmp_path):
     table = evaluation.format_table(quick_results, ["fresh"])
     assert "steps→Adam-best" in table and "fresh @ 1x" in table
