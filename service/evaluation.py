@@ -431,7 +431,9 @@ def _log(value: float | None, reference: float | None) -> float:
 def _ratio_stats(per_task: list[float], per_seed: list[float]) -> dict[str, Any]:
     """Geometric-mean ratio exp(mean log) over tasks, with standard errors of the mean log ratio."""
     def se(xs: list[float]) -> float | None:
-        return _num(float(np.std(xs, ddof=1) / math.sqrt(len(xs)))) if len(xs) > 1 else None
+        if len(xs) < 2 or not all(map(math.isfinite, xs)):
+            return None
+        return float(np.std(xs, ddof=1) / math.sqrt(len(xs)))
 
     if not per_task:
         return {"n": 0, "geomean": None, "mean_log": None, "se_tasks": None, "se_task_seeds": None}
@@ -487,9 +489,10 @@ def _ratio_text(stats: dict[str, Any]) -> str:
         return "n/a"
     if stats["geomean"] is None:
         return f"inf (diverged on {stats['diverged']})"
-    se = "" if stats["se_tasks"] is None else f" ± {stats['se_tasks']:.3f}"
-    seed_se = "" if stats["se_task_seeds"] is None else f", ± {stats['se_task_seeds']:.3f} over task-seeds"
-    return f"{stats['geomean']:.3f} (log {stats['mean_log']:+.3f}{se} s.e. over tasks{seed_se})"
+    errors = [f"± {stats[k]:.3f} s.e. over {what}" for k, what in (("se_tasks", "tasks"),
+                                                                    ("se_task_seeds", "task-seeds"))
+              if stats[k] is not None]
+    return f"{stats['geomean']:.3f} (log {stats['mean_log']:+.3f}" + "".join(f", {e}" for e in errors) + ")"
 
 
 def format_summary(summary: Sequence[dict[str, Any]]) -> list[str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,64 @@ def test_summary_lines_are_computed_from_the_task_rows(progress_results):
     lines = evaluation.format_summary(results["summary"])
     assert any(line.startswith("ours+T @ 1x:") and f"< fresh θ on {entry['wins_vs_fresh']}/2" in line
                for line in lines)
+
+
+def test_cosine_schedule_matches_optax_with_a_concrete_horizon():
+    ours = jax.jit(lambda c, t: evaluation.cosine_schedule(3e-3, t)(c))
+    for total in (7, 400):
+        ref = optax.cosine_decay_schedule(3e-3, total)
+        for count in (0, 1, total // 2, total - 1, total, total + 5):
+            assert float(ours(count, total)) == pytest.approx(float(ref(count)), rel=1e-5, abs=1e-12)
+
+
+def _row(finals, seeds, adam_best="adam(1.0e-02)", cos_best="adam_cos(1.0e-02)"):
+    return {"final_train_loss": finals, "final_train_loss_seeds": seeds, "adam_best": adam_best,
+            "adam_cos_best": cos_best}
+
+
+def test_summary_is_computed_from_the_per_task_values():
+    # Three tasks, two seeds; the expected numbers are worked out by hand from these values.
+    seeds = [
+        {"L": [1.0, 3.0], "L[fresh]": [4.0, 4.0], "adam(1.0e-02)": [2.0, 2.0], "adam_cos(1.0e-02)": [1.0, 1.0],
+         "adam(1.0e-03)": [5.0, 5.0]},
+        {"L": [0.5, 0.5], "L[fresh]": [0.25, 0.25], "adam(1.0e-02)": [1.0, 1.0], "adam_cos(1.0e-02)": [2.0, 2.0],
+         "adam(1.0e-03)": [0.5, 0.5]},
+        {"L": [None, 1.0], "L[fresh]": [1.0, 1.0], "adam(1.0e-02)": [1.0, 1.0], "adam_cos(1.0e-02)": [1.0, 1.0],
+         "adam(1.0e-03)": [9.0, 9.0]},
+    ]
+    finals = [{n: (None if None in v else float(np.mean(v))) for n, v in s.items()} for s in seeds]
+    results = {"config": {"learned": {"L": ["L", "L[fresh]"]}},
+               "tasks": {f"t{i}": {"horizons": {"1": _row(f, s)}} for i, (f, s) in enumerate(zip(finals, seeds))}}
+    by_col = {e["optimizer"]: e for e in evaluation.summarise(results)}
+    e = by_col["L"]
+    assert (e["tasks"], e["horizon"]) == (3, 1)
+    # L = 2.0, 0.5, diverged vs Adam-best 2, 1, 1 / cosine-best 1, 2, 1 / Adam(1e-3) 5, 0.5, 9 / fresh 4, 0.25, 1
+    assert e["wins_vs_adam_best"] == 2 and e["wins_vs_adam_cos_best"] == 1 and e["wins_vs_adam_1e-3"] == 2
+    assert e["wins_vs_fresh"] == 1
+    assert e["vs_cos"]["geomean"] is None and e["vs_cos"]["diverged"] == 1  # a diverged task is not dropped
+    fresh = by_col["L[fresh]"]
+    assert "wins_vs_fresh" not in fresh
+    logs = [math.log(4.0 / 1.0), math.log(0.25 / 2.0), 0.0]
+    assert fresh["vs_cos"]["geomean"] == pytest.approx(math.exp(np.mean(logs)))
+    assert fresh["vs_cos"]["se_tasks"] == pytest.approx(np.std(logs, ddof=1) / math.sqrt(3))
+    assert fresh["wins_vs_adam_cos_best"] == 2 and fresh["wins_vs_adam_1e-3"] == 3
+    # Without the diverged task: L / fresh per task 0.5, 2; per seed 0.25, 0.75, 2, 2.
+    del results["tasks"]["t2"]
+    e = {x["optimizer"]: x for x in evaluation.summarise(results)}["L"]
+    assert e["vs_fresh"]["geomean"] == pytest.approx(1.0)
+    seed_logs = np.log([0.25, 0.75, 2.0, 2.0])
+    assert e["vs_fresh"]["se_task_seeds"] == pytest.approx(np.std(seed_logs, ddof=1) / 2.0)
+    assert e["vs_cos"]["geomean"] == pytest.approx(math.sqrt(2.0 * 0.25))
+    line = evaluation.format_summary([e])[0]
+    assert line.startswith("L @ 1x: ≤ Adam-best on 2/2, ≤ cosine-best on 1/2") and "< fresh θ on 1/2" in line
+
+
+def test_learned_modes_follow_the_config():
+    assert Learned("x", None, MnemosyneConfig()).modes() == ("plain", "cos")
+    assert Learned("x", None, MnemosyneConfig(progress_schedule=True)).modes() == ("plain", "told", "cos")
+    assert Learned("x", None, mn.LSTMConfig()).modes() == ("plain",)
+    with pytest.raises(ValueError, match="distinct"):
+        evaluation.run_suite([], [Learned("adam", None, mn.LSTMConfig())], steps=20, seeds=1)
 
 
 def test_table_and_plots(quick_results, tmp_path):

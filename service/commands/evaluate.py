@@ -1,4 +1,4 @@
-"""``mnemosyne eval``: compare a learned optimizer with tuned Adam, SGD+momentum, prodigy and the LSTM baseline.
+"""``mnemosyne eval``: compare a learned optimizer with its fresh θ, tuned Adam, SGD+momentum, prodigy and the LSTM.
 
 Examples::
 
@@ -7,7 +7,11 @@ Examples::
 
 ``--steps`` is the meta-training horizon (default: the optimizer's ``max_unroll``);
 the runs continue to ``--horizons`` times it (default 1,2,5) to show how the
-advantage changes beyond the horizon. Writes ``DIR/results.json``, ``DIR/table.txt``
+advantage changes beyond the horizon. Every learned optimizer is shown next to its own
+fresh (never meta-trained) θ, told the horizon (``total_steps``) where it reads it, and in
+direction mode under a cosine schedule; the baselines include Adam with cosine decay tuned
+over the same 7 learning rates (a run per horizon). The score is the mean training loss
+over the last 10 % of the steps before each horizon. Writes ``DIR/results.json``, ``DIR/table.txt``
 and one loss-curve PNG per task.
 """
 from __future__ import annotations
