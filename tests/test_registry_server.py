@@ -456,3 +456,34 @@ def test_unexpected_errors_become_internal_without_details(client, server, monke
     with pytest.raises(RegistryClientError) as info:
         client.get_version("anything")
     assert info.value.code == "INTERNAL" and "hunter2" not in info.value.message
+
+
+def test_version_numbers_beyond_int64_are_invalid_argument_not_internal(client, stub):
+    import base64
+    import json
+
+    client.publish(os.urandom(1000), "huge-numbers")
+    for number in (2**63, 2**64 - 1):
+        ref = pb.VersionRef(name="huge-numbers", number=number)
+        calls = [
+            lambda ref=ref: stub.GetVersion(pb.GetVersionRequest(ref=ref), metadata=AUTH),
+            lambda ref=ref: list(stub.Fetch(pb.FetchRequest(ref=ref), metadata=AUTH)),
+            lambda number=number: stub.SetAlias(pb.SetAliasRequest(name="huge-numbers", alias="best",
+                                                                   version=number), metadata=AUTH),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "2^63-1" in info.value.details()
+    for after in (10**20, 1e20, -1, True):
+        token = base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListVersions(pb.ListVersionsRequest(name="huge-numbers", page_token=token), metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in info.value.details()
+    # The largest representable number is a plain NOT_FOUND.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetVersion(pb.GetVersionRequest(ref=pb.VersionRef(name="huge-numbers", number=2**63 - 1)),
+                        metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -79,6 +79,16 @@ def _encode_token(after) -> str:
     return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()
 
 
+MAX_VERSION = 2**63 - 1  # versions are SQL BIGINTs (SQLite INTEGER, PostgreSQL BIGINT)
+
+
+def check_version_number(number: int) -> int:
+    """A version number as the database can hold it, or ``InvalidArgument`` (never an overflow)."""
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_VERSION:
+        raise InvalidArgument(f"version numbers are integers from 1 to 2^63-1, got {number}")
+    return number
+
+
 def _decode_token(token: str, kind: type):
     if not token:
         return kind()
@@ -86,7 +96,7 @@ def _decode_token(token: str, kind: type):
         after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
     except Exception:  # noqa: BLE001 - any garbage is the same user error
         raise InvalidArgument("invalid page_token; pass back next_page_token unchanged") from None
-    if not isinstance(after, kind):
+    if not isinstance(after, kind) or isinstance(after, bool) or (kind is int and not 0 <= after <= MAX_VERSION):
         raise InvalidArgument("invalid page_token; pass back next_page_token unchanged")
     return after
 
@@ -193,8 +203,8 @@ class Registry:
     # -- reads ----------------------------------------------------------------
     def get_version(self, name: str, number: int | None = None, alias: str | None = None) -> VersionRecord:
         check_name(name)
-        if number is not None and number <= 0:
-            raise InvalidArgument(f"version numbers start at 1, got {number}")
+        if number is not None:
+            check_version_number(number)
         if alias is not None:
             check_alias(alias)
         return self.store.get_version(name, number=number, alias=alias)
@@ -219,8 +229,7 @@ class Registry:
         self._check_open()
         check_name(name)
         self._check_manual_alias(alias)
-        if version <= 0:
-            raise InvalidArgument(f"version numbers start at 1, got {version}")
+        check_version_number(version)
         record = self.store.set_alias(name, alias, version)
         self.wake_watchers()
         return record
