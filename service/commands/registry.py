@@ -45,6 +45,13 @@ def register(subparsers) -> None:
     serve.add_argument("--skip-verify", action="store_true", help="don't re-hash every blob at startup")
     serve.set_defaults(func=_serve)
 
+    fsck = sub.add_parser("fsck", help="re-verify every blob; report orphans, temp files and damage")
+    fsck.add_argument("--data", required=True, help="the registry's data directory")
+    fsck.add_argument("--db", help="SQLAlchemy URL (default: SQLite in --data)")
+    fsck.add_argument("--repair", action="store_true",
+                      help="delete temp files and orphans, quarantine corrupt blobs (refuses while a server runs)")
+    fsck.set_defaults(func=_fsck)
+
     def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--registry", default=os.environ.get("MNEMOSYNE_REGISTRY", DEFAULT_REGISTRY),
@@ -96,6 +103,7 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 def _serve(args) -> int:
     from service.registry.auth import load_tokens_text
+    from service.registry.errors import DataDirLocked
     from service.registry.server import serve
 
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -115,12 +123,37 @@ def _serve(args) -> int:
             read_token_required=args.read_token_required, tls_cert=_read(args.tls_cert, "certificate"),
             tls_key=_read(args.tls_key, "key"), grace=args.grace, verify_on_start=not args.skip_verify,
         )
+    except DataDirLocked as exc:
+        raise CLIError(str(exc), 1) from None
     except RuntimeError as exc:  # bind failure
         raise CLIError(f"{exc}: is another server using the port?", 1) from None
     except Exception as exc:
         if type(exc).__module__.startswith("sqlalchemy"):
             raise CLIError(f"cannot open database {args.db or '(sqlite)'}: {str(exc).splitlines()[0]}", 1) from None
         raise
+
+
+def _fsck(args) -> int:
+    from service.registry.errors import DataDirLocked
+    from service.registry.fsck import fsck
+
+    try:
+        report = fsck(args.data, args.db, repair=args.repair)
+    except (DataDirLocked, FileNotFoundError) as exc:
+        raise CLIError(str(exc), 1) from None
+    action = {"temp": "removed", "orphans": "removed", "corrupt": "quarantined"}
+    for kind in ("temp", "orphans", "corrupt", "missing"):
+        for item in getattr(report, kind):
+            done = f" ({action[kind]})" if report.repaired and kind in action else ""
+            print(f"{kind.removesuffix('s')}: {item}{done}")
+    print(f"fsck: {report.verified} blobs verified, {len(report.temp)} temp files, {len(report.orphans)} orphans, "
+          f"{len(report.corrupt)} corrupt, {len(report.missing)} missing"
+          + (" (repaired)" if report.repaired else ""))
+    if report.missing:
+        raise CLIError(f"{len(report.missing)} versions' blobs are lost; their versions fail with DATA_LOSS", 1)
+    if not report.clean:
+        raise CLIError("problems found; run again with --repair to fix them", 1)
+    return 0
 
 
 # -- client -------------------------------------------------------------------

@@ -23,14 +23,16 @@ b'het'
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Self
 
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import DataDirLocked, InvalidArgument, ResourceExhausted
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_BLOCK = 4 << 20
@@ -58,6 +60,48 @@ class RecoveryReport:
     removed_temp: int = 0
     verified: int = 0
     corrupt: list[str] = dataclasses.field(default_factory=list)  # quarantined sha256s
+    orphans: list[str] = dataclasses.field(default_factory=list)  # unreferenced blobs removed
+    young_orphans: list[str] = dataclasses.field(default_factory=list)  # kept: inside the grace period
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``<root>/LOCK``, held while a server (or ``fsck --repair``) owns the dir.
+
+    The kernel drops the lock when the process dies, SIGKILL included, so a
+    crashed server never leaves a stale lock. A second holder gets
+    :class:`DataDirLocked` naming the pid written into the file by the first.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.path = Path(root) / "LOCK"
+        self._fd: int | None = None
+
+    def acquire(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirLocked(
+                f"data directory {self.path.parent} is in use by another registry process (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
 
 class BlobWriter:
@@ -171,24 +215,64 @@ class BlobStore:
     def all_digests(self) -> list[str]:
         return sorted(p.name for p in self.blob_dir.glob("*/*") if SHA256_RE.match(p.name))
 
-    def recover(self, verify: bool = True) -> RecoveryReport:
-        """Startup recovery: drop unfinished uploads and re-verify every stored blob.
+    def temp_files(self) -> list[Path]:
+        return sorted(self.tmp_dir.iterdir())
 
+    def orphans(self, referenced: set[str], grace_s: float = 0.0) -> tuple[list[str], list[str]]:
+        """``(old, young)`` stored blobs that no committed version references.
+
+        A publish renames its blob into place *before* its database commit, so
+        a blob younger than ``grace_s`` (by mtime, measured from now) may belong
+        to a publish still in flight: it is listed in ``young`` and must be kept.
+        ``referenced`` must be read *before* calling this, so a version
+        committed during the scan is either in it or its blob is young.
+        """
+        cutoff = time.time() - grace_s
+        old, young = [], []
+        for digest in self.all_digests():
+            if digest in referenced:
+                continue
+            try:
+                mtime = self.path(digest).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            (old if mtime <= cutoff else young).append(digest)
+        return old, young
+
+    def quarantine(self, digest: str) -> None:
+        """Move a blob that failed verification out of ``blobs/`` so it is never served."""
+        self.quarantine_dir.mkdir(exist_ok=True)
+        os.replace(self.path(digest), self.quarantine_dir / digest)
+
+    def remove(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
+    def recover(
+        self, verify: bool = True, referenced: set[str] | None = None, orphan_grace_s: float = 0.0,
+    ) -> RecoveryReport:
+        """Startup recovery: drop unfinished uploads, collect orphans, re-verify every stored blob.
+
+        Orphans (blobs no version in ``referenced`` points at, left by a crash
+        between the blob's rename and the version's commit) are deleted once
+        older than ``orphan_grace_s``; pass ``referenced=None`` to keep them all.
         A blob whose content no longer matches its name is moved to
         ``quarantine/`` so it is never served; versions that point at it then
         fail to fetch with a clear error instead of returning wrong bytes.
         """
         report = RecoveryReport()
-        for tmp in self.tmp_dir.iterdir():
+        for tmp in self.temp_files():
             tmp.unlink(missing_ok=True)
             report.removed_temp += 1
+        if referenced is not None:
+            report.orphans, report.young_orphans = self.orphans(referenced, orphan_grace_s)
+            for digest in report.orphans:
+                self.remove(digest)
         if not verify:
             return report
         for digest in self.all_digests():
             if self.verify(digest):
                 report.verified += 1
             else:
-                self.quarantine_dir.mkdir(exist_ok=True)
-                os.replace(self.path(digest), self.quarantine_dir / digest)
+                self.quarantine(digest)
                 report.corrupt.append(digest)
         return report

@@ -44,3 +44,11 @@ class Unavailable(RegistryError):
 
 class DataLoss(RegistryError):
     """A stored artifact is missing or failed re-verification; it is never served."""
+
+
+class DataDirLocked(Exception):
+    """Another registry process holds the data directory's lock.
+
+    A startup error of the server (and of ``fsck --repair``), never sent to a
+    client, so it is not a :class:`RegistryError` and has no gRPC status.
+    """

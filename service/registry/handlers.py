@@ -139,15 +139,21 @@ class Registry:
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------
-    def recover(self, verify: bool = True) -> RecoveryReport:
-        """Remove unfinished uploads, re-verify every blob, and log versions whose blob is gone."""
-        report = self.blobs.recover(verify=verify)
-        missing = sorted(d for d in self.store.referenced_digests() if not self.blobs.exists(d))
+    def recover(self, verify: bool = True, orphan_grace_s: float = 0.0) -> RecoveryReport:
+        """Remove unfinished uploads and orphan blobs, re-verify every blob, log versions whose blob is gone.
+
+        Run while holding the data directory's :class:`DataDirLock` and before
+        serving, so no publish of this directory can be in flight; blobs younger
+        than ``orphan_grace_s`` are kept anyway.
+        """
+        referenced = self.store.referenced_digests()  # read first: see BlobStore.orphans
+        report = self.blobs.recover(verify=verify, referenced=referenced, orphan_grace_s=orphan_grace_s)
+        missing = sorted(d for d in referenced if not self.blobs.exists(d))
         for digest in missing:
             log.error("registry: blob %s referenced by a version is missing or corrupt", digest)
         log.info(
-            "registry: recovery removed %d temp files, verified %d blobs, quarantined %d",
-            report.removed_temp, report.verified, len(report.corrupt),
+            "registry: recovery removed %d temp files and %d orphan blobs, verified %d blobs, quarantined %d",
+            report.removed_temp, len(report.orphans), report.verified, len(report.corrupt),
         )
         return report
 

@@ -12,7 +12,10 @@ returns it with its bound port (pass ``port=0`` for a free one)::
 prints one ``listening on HOST:PORT`` line, and on SIGTERM/SIGINT marks itself
 NOT_SERVING, ends watch streams, lets in-flight calls finish (``grace``
 seconds) and exits. Startup recovery runs first: unfinished uploads are
-deleted and every stored blob is re-verified.
+deleted, blobs that no committed version references (orphans of a crash
+between a blob's rename and its version's commit) are collected, and every
+stored blob is re-verified. The data directory is locked (``DATA/LOCK``,
+``flock``) for the server's life: a second server on it refuses to start.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from mnemosyne_core.registry_client import registry_pb2 as pb
 
 from .auth import BearerTokenInterceptor
+from .blobs import DataDirLock
 from .handlers import MAX_CHUNK, Registry
 from .servicer import RegistryServicer, add_to_server
 
@@ -95,10 +99,20 @@ def create_server(
     if not bound:
         registry.store.close()
         raise RuntimeError(f"could not bind {address}")
-    # Recover only once the port is ours: a server started by mistake on a busy
-    # port fails above before it touches the data directory.
-    registry.recover(verify=verify_on_start)
+    # Lock and recover only once the port is ours: a server started by mistake on
+    # a busy port fails above before it touches the data directory. A second
+    # server on the same directory fails here (DataDirLocked) before recovery.
+    lock = DataDirLock(registry.data_dir)
+    try:
+        lock.acquire()
+        registry.recover(verify=verify_on_start)
+    except BaseException:
+        lock.release()
+        registry.store.close()
+        server.stop(None)
+        raise
     server.registry = registry
+    server.data_lock = lock
     server.health = health_servicer
     return server, bound
 
@@ -109,6 +123,7 @@ def shutdown(server: grpc.Server, grace: float = 5.0) -> None:
     server.registry.close()
     server.stop(grace).wait()
     server.registry.store.close()
+    server.data_lock.release()
 
 
 def serve(data_dir: str | Path, *, grace: float = 5.0, **kwargs) -> int:
