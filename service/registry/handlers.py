@@ -251,7 +251,9 @@ class Registry:
         """Yield the alias's current target (if set), then every later move, in order.
 
         Ends when ``stop`` is set (client went away; call :meth:`wake_watchers`
-        after setting it) or the registry is closed.
+        after setting it). When the registry is closed (server shutdown) it raises
+        :class:`Unavailable` naming the last sequence sent, so a watcher can tell
+        a broken stream from a finished one and reconnect.
         """
         check_name(name)
         check_alias(alias)
@@ -271,8 +273,11 @@ class Registry:
                 while seen == self._generation and not stop.is_set() and not self._closed:
                     if not self._cond.wait(self.watch_poll_s):
                         break  # poll the database: another process may share it
-                if stop.is_set() or self._closed:
+                if stop.is_set():
                     return
+                if self._closed:
+                    raise Unavailable(
+                        f"registry is shutting down; watch of {name}@{alias} ended after sequence {last}, reconnect")
 
     # -- helpers ----------------------------------------------------------------
     def _check_open(self) -> None:

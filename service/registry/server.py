@@ -10,7 +10,7 @@ returns it with its bound port (pass ``port=0`` for a free one)::
 
 :func:`serve` is what ``mnemosyne registry serve`` runs: it starts the server,
 prints one ``listening on HOST:PORT`` line, and on SIGTERM/SIGINT marks itself
-NOT_SERVING, ends watch streams, lets in-flight calls finish (``grace``
+NOT_SERVING, ends watch streams with UNAVAILABLE, lets in-flight calls finish (``grace``
 seconds) and exits. Startup recovery runs first: unfinished uploads are
 deleted, blobs that no committed version references (orphans of a crash
 between a blob's rename and its version's commit) are collected, and every
