@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from mnemosyne_core.tasks.base import TaskSpec
 from mnemosyne_core.tasks.classification import ClassificationTask, check_positive_int
 
-__all__ = ["ACTIVATIONS", "MLPTask", "apply_mlp", "init_mlp"]
+__all__ = ["ACTIVATIONS", "MLPTask", "apply_mlp", "check_mlp_args", "init_mlp"]
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -63,6 +63,17 @@ def apply_mlp(params: dict, x: jax.Array, activation) -> jax.Array:
     return x
 
 
+def check_mlp_args(task: str, hidden: Any, activation: str) -> list[int]:
+    """The hidden widths as a list of positive ints; ``ValueError`` for bad widths or activation."""
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        # ValueError, not TypeError: every bad task kwarg is one error type for callers.
+        raise ValueError(f"{task}: hidden must be a list of layer widths, got {hidden!r}")  # noqa: TRY004
+    widths = [check_positive_int(task, "hidden width", h) for h in hidden]
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{task}: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+    return widths
+
+
 class MLPTask(ClassificationTask):
     """MLP classifier on ``dataset`` (``"digits"`` → task ``digits_mlp``, ``"mnist1d"`` → ``mnist1d_mlp``)."""
 
@@ -72,12 +83,7 @@ class MLPTask(ClassificationTask):
         if dataset not in _TASK_NAME:
             raise ValueError(f"MLPTask: unknown dataset {dataset!r}; known: {sorted(_TASK_NAME)}")
         name = _TASK_NAME[dataset]
-        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
-            # ValueError, not TypeError: every bad task kwarg is one error type for callers.
-            raise ValueError(f"{name}: hidden must be a list of layer widths, got {hidden!r}")  # noqa: TRY004
-        hidden = [check_positive_int(name, "hidden width", h) for h in hidden]
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{name}: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        hidden = check_mlp_args(name, hidden, activation)
         spec = TaskSpec(name, {
             "hidden": hidden, "activation": activation, "batch_size": batch_size,
             "input_noise": input_noise, "param_scale": param_scale, "weight_decay": weight_decay,

@@ -27,8 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from mnemosyne_core.tasks.base import TaskSpec
-from mnemosyne_core.tasks.classification import ClassificationTask, check_positive_int
-from mnemosyne_core.tasks.mlp import _GAIN, ACTIVATIONS, apply_mlp, init_mlp
+from mnemosyne_core.tasks.classification import ClassificationTask
+from mnemosyne_core.tasks.mlp import (
+    _GAIN,
+    ACTIVATIONS,
+    apply_mlp,
+    check_mlp_args,
+    init_mlp,
+)
 
 __all__ = ["SQUARED_ERROR_TASKS", "SquaredErrorMLPTask"]
 
@@ -45,11 +51,7 @@ class SquaredErrorMLPTask(ClassificationTask):
                  weight_decay: float = 0.0):
         if name not in SQUARED_ERROR_TASKS:
             raise ValueError(f"unknown squared-error task {name!r}; known: {sorted(SQUARED_ERROR_TASKS)}")
-        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
-            raise ValueError(f"{name}: hidden must be a list of layer widths, got {hidden!r}")  # noqa: TRY004
-        hidden = [check_positive_int(name, "hidden width", h) for h in hidden]
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{name}: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        hidden = check_mlp_args(name, hidden, activation)
         dataset, self.target = SQUARED_ERROR_TASKS[name]
         spec = TaskSpec(name, {"hidden": hidden, "activation": activation, "batch_size": batch_size,
                                "input_noise": input_noise, "param_scale": param_scale,
