@@ -41,7 +41,7 @@ def test_push_list_alias_pull(env, capsys, tmp_path):
                        "--metadata", '{"lineage": {"run_id": "r42", "generation": 7}}')
     assert code == 0 and "cli-opt:2" in out and "best" in out
     code, out, _ = run(capsys, "list", *reg)
-    assert code == 0 and out.splitlines() == ["cli-opt\tlatest=2\tbest=2,latest=2"]
+    assert code == 0 and out.splitlines() == ["cli-opt\tlatest=2\tbest=2"]  # latest once, in its column
     code, out, _ = run(capsys, "list", "cli-opt", *reg)
     lines = out.splitlines()
     assert code == 0 and [line.split("\t")[0] for line in lines] == ["cli-opt:1", "cli-opt:2"]
@@ -88,6 +88,7 @@ def test_watch_prints_moves(env, capsys, tmp_path):
     (["alias", "x", "best"], 2, "give either VERSION or --delete"),
     (["alias", "x", "latest", "1"], 1, "FAILED_PRECONDITION"),
     (["watch", "x:3"], 2, "watch needs NAME@ALIAS"),
+    (["push", "{artifact}", "--name", "n" * 10_000 + "!"], 1, "… (10001 characters): use 1-128"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(env, capsys, tmp_path, argv, code, message):
     artifact = tmp_path / "a.bin"
@@ -98,6 +99,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(env, capsys, tmp_path, argv, 
     got, out, err = run(capsys, *argv, "--registry", env["registry"], "--token-file", env["token"])
     assert got == code and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert len(err) < 400  # a long name is cut in the message, not echoed in full
     assert not (tmp_path / "o").exists()
 
 

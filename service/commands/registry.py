@@ -246,7 +246,8 @@ def _list(args) -> int:
                 aliases = ",".join(item.aliases)
                 print(f"{item.name}:{item.number}\t{item.size}\t{item.sha256[:12]}\t{_when(item.created_unix_ms)}\t{aliases}")
             else:
-                aliases = ",".join(f"{a}={v}" for a, v in sorted(item.aliases.items()))
+                # `latest` has its own column: the alias map holds it too, so leave it out here.
+                aliases = ",".join(f"{a}={v}" for a, v in sorted(item.aliases.items()) if a != "latest")
                 print(f"{item.name}\tlatest={item.latest_version}\t{aliases}")
         return 0
 

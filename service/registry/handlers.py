@@ -61,17 +61,23 @@ class PublishSpec:
     sha256: str
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length noted (error messages)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(value)} characters)"
+
+
 def check_name(name: str) -> str:
     if not NAME_RE.match(name or ""):
         raise InvalidArgument(
-            f"invalid optimizer name {name!r}: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit"
+            f"invalid optimizer name {shown(name)}: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit"
         )
     return name
 
 
 def check_alias(alias: str) -> str:
     if not ALIAS_RE.match(alias or ""):
-        raise InvalidArgument(f"invalid alias {alias!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter")
+        raise InvalidArgument(f"invalid alias {shown(alias)}: use 1-64 of [A-Za-z0-9._-], starting with a letter")
     return alias
 
 
