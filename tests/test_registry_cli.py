@@ -85,6 +85,8 @@ def test_watch_prints_moves(env, capsys, tmp_path):
     (["push", "{artifact}", "--name", "x", "--metadata", '{"lineage": {"generation": "many"}}'], 2, "invalid --metadata"),
     (["pull", "nothing-here@best", "-o", "{out}"], 1, "NOT_FOUND: unknown optimizer 'nothing-here'"),
     (["pull", "x@@", "-o", "{out}"], 2, "invalid optimizer reference"),
+    (["pull", "x:99999999999999999999999", "-o", "{out}"], 2, "(1 <= VERSION <= 2^63-1)"),
+    (["pull", "x:9223372036854775808", "-o", "{out}"], 2, "invalid optimizer reference"),
     (["alias", "x", "best"], 2, "give either VERSION or --delete"),
     (["alias", "x", "latest", "1"], 1, "FAILED_PRECONDITION"),
     (["watch", "x:3"], 2, "watch needs NAME@ALIAS"),

@@ -46,8 +46,11 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     (('adam', 2, None), ('adam', None, 'latest'))
     """
     m = _REF_RE.match(ref or "")
-    if not m or (m["version"] is not None and int(m["version"]) == 0):
-        raise InvalidURIError(f"invalid optimizer reference {ref!r}: expected NAME, NAME@ALIAS or NAME:VERSION (VERSION >= 1)")
+    # Version numbers are database BIGINTs: 1 … 2^63-1 (a larger one cannot even be sent as uint64).
+    if not m or (m["version"] is not None and not 1 <= int(m["version"]) <= 2**63 - 1):
+        shown = repr(ref) if len(repr(ref)) <= 80 else repr(ref)[:80] + "…"
+        raise InvalidURIError(f"invalid optimizer reference {shown}: expected NAME, NAME@ALIAS or NAME:VERSION "
+                              "(1 <= VERSION <= 2^63-1)")
     version = int(m["version"]) if m["version"] else None
     return m["name"], version, m["alias"] or (None if version else "latest")
 
