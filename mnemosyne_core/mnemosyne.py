@@ -415,8 +415,4 @@ def scheduled(theta: Any, config: MnemosyneConfig,
         >>> round(float(updates["w"][0]), 6)   # a fresh θ at step 0: -schedule(0)·sign(g)
         -0.001
     """
-    if callable(schedule):
-        scale = optax.scale_by_schedule(lambda count: -schedule(count))
-    else:
-        scale = optax.scale(-float(schedule))
-    return optax.chain(_build(theta, config, 1.0, learned_schedule=False), scale)
+    return optax.chain(_build(theta, config, 1.0, learned_schedule=False), optax.scale_by_learning_rate(schedule))

@@ -56,9 +56,10 @@ def _pct(value: float | None, reference: float | None) -> str:
 
 def summary_line(results: dict[str, Any]) -> str:
     """One line: each learned optimizer's final loss relative to its own fresh θ, and default vs tuned Adam."""
-    table = {col: per_h for _, col, per_h in rows(results)}
+    listed = rows(results)
+    table = {col: per_h for _, col, per_h in listed}
     h = next(iter(table["demo"]))
-    tuned = next(per_h for label, _, per_h in rows(results) if label.startswith("tuned cosine Adam"))
+    tuned = next(per_h for label, _, per_h in listed if label.startswith("tuned cosine Adam"))
     return (f"what meta-training bought (final training loss at {h}x): the briefly trained θ "
             f"{_pct(table['demo'][h], table['demo[fresh]'][h])} vs its fresh θ; the shipped default "
             f"{_pct(table['default+T'][h], table['default[fresh]+T'][h])} vs its fresh θ and "

@@ -207,9 +207,9 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     state = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *states)
 
     starts = np.array([0 if s is Status.RESET else t.start_step for t, s in zip(group, statuses)])
-    ends = np.minimum(starts + np.array([t.num_steps for t in group]), [t.unroll_length for t in group])
-    horizon = jnp.asarray(np.repeat(ends, m), jnp.int32)
     lengths = np.array([t.unroll_length for t in group])
+    ends = np.minimum(starts + np.array([t.num_steps for t in group]), lengths)
+    horizon = jnp.asarray(np.repeat(ends, m), jnp.int32)
     unroll_total = jnp.asarray(np.repeat(lengths, m), jnp.int32)  # the planned horizon T
     # ``final``: only the last 10 % of each unroll is scored (what a user's final loss is).
     first_scored = lengths - np.maximum(1, lengths // 10) if est.meta_loss == "final" else np.zeros_like(lengths)

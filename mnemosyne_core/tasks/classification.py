@@ -67,12 +67,17 @@ class ClassificationTask:
         # Task augmentation (Celo): rescaling the init keeps the rule from relying on one scale.
         return jax.tree.map(lambda p: (p * self.param_scale).astype(jnp.float32), params)
 
-    def sample_batch(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _sample(self, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Row indices of a batch and its (noisy) inputs and labels."""
         key_idx, key_noise = jax.random.split(key)
         idx = jax.random.randint(key_idx, (self.batch_size,), 0, self.data.x_train.shape[0])
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         if self.input_noise > 0:
             x = x + self.input_noise * jax.random.normal(key_noise, x.shape, x.dtype)
+        return idx, x, y
+
+    def sample_batch(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        _, x, y = self._sample(key)
         return x, y
 
     def _cross_entropy(self, params: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -74,10 +74,9 @@ class SquaredErrorMLPTask(ClassificationTask):
         return apply_mlp(params, x, self._act)
 
     def sample_batch(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x, y = super().sample_batch(key)
+        idx, x, y = self._sample(key)
         if self.target == "x":
             # Reconstruct the clean image: the input noise (if any) makes it a denoising autoencoder.
-            idx = jax.random.randint(jax.random.split(key)[0], (self.batch_size,), 0, self.data.x_train.shape[0])
             return x, self.data.x_train[idx]
         return x, y
 
