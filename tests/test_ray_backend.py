@@ -95,7 +95,10 @@ def test_ray_backend_equals_local_backend(cluster, config, local_theta, tmp_path
 
 
 def test_sigkill_worker_mid_generation_gives_fault_free_theta(cluster, config, local_theta, tmp_path):
-    evaluator, trainer = _run_ray(config, tmp_path)
+    # Actor 1 sleeps 1.5 s at the start of every call, so the SIGKILL below always lands while
+    # its call of generation 1 runs; without it a warm actor could answer the tiny quadratic
+    # before the signal arrived (a CI run saw worker_deaths == 0).
+    evaluator, trainer = _run_ray(config, tmp_path, stall={1: 1.5})
     victim = evaluator.worker_info()[1]["pid"]
     killed = []
 
