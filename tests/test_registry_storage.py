@@ -144,6 +144,25 @@ def test_paging_is_complete_and_ordered(registry):
     assert names == [f"n{i:02d}" for i in range(11)]
 
 
+def test_name_prefix_is_exact_and_case_sensitive(registry):
+    # Issue 23 defect 5: on SQLite LIKE ignored case, so NODE matched Node-Test and node-test.
+    for name in ("NODE", "NODE2", "Node-Test", "node-test", "node_x", "nodeA", "no"):
+        publish(registry, name, name.encode())
+
+    def names(prefix):
+        rows, token = registry.list_optimizers(page_size=1000, prefix=prefix)
+        assert token == ""
+        return sorted(o.name for o in rows)
+
+    assert names("NODE") == ["NODE", "NODE2"]
+    assert names("Node") == ["Node-Test"]
+    assert names("node") == ["node-test", "nodeA", "node_x"]
+    assert names("node_") == ["node_x"]  # '_' is a character, not a LIKE wildcard
+    assert names("%") == [] and names("node%") == []
+    assert names("NODE2-longer-than-the-name") == []
+    assert len(names("")) == 7
+
+
 def test_concurrent_publishers_are_gapless(registry):
     threads_n, each = 6, 5
     numbers: list[int] = []

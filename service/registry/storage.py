@@ -238,7 +238,10 @@ class Store:
         with self._read() as conn:
             query = sa.select(optimizers_t).where(optimizers_t.c.name > after, optimizers_t.c.latest_version > 0)
             if prefix:
-                query = query.where(optimizers_t.c.name.startswith(prefix, autoescape=True))
+                # Names are case-sensitive: compare the first len(prefix) characters exactly.
+                # (LIKE, which startswith() emits, ignores ASCII case on SQLite, and its
+                # wildcards would need escaping; substr() means the same on both databases.)
+                query = query.where(sa.func.substr(optimizers_t.c.name, 1, len(prefix)) == prefix)
             rows = conn.execute(query.order_by(optimizers_t.c.name).limit(limit)).all()
             names = [r.name for r in rows]
             aliases: dict[str, dict[str, int]] = {n: {} for n in names}
