@@ -39,7 +39,6 @@ import hashlib
 import importlib
 import json
 import os
-import struct
 import tempfile
 from typing import Any
 
@@ -66,36 +65,24 @@ __all__ = [
     "to_bytes",
 ]
 
-MAGIC = b"\x89MNEMOSYNE\r\n"  # the high byte and CRLF catch text-mode and 7-bit transfers
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct(">HI")  # format version, header length
-_FIXED = len(MAGIC) + _PREFIX.size + 32
+# The framing is shared with the registry server, which checks uploads without JAX.
+from .checkpoint_format import (
+    FORMAT_VERSION,
+    MAGIC,
+    CheckpointError,
+    CheckpointVerifier,
+    CorruptedCheckpointError,
+    NotACheckpointError,
+    TruncatedCheckpointError,
+    UnsupportedVersionError,
+    pack,
+)
 
 # kind -> (module, config class, init function); modules are imported only when needed.
 _KINDS: dict[str, tuple[str, str, str]] = {
     "mnemosyne": ("mnemosyne_core.mnemosyne", "MnemosyneConfig", "init_theta"),
     "lstm": ("mnemosyne_core.baselines", "LSTMConfig", "init_lstm_theta"),
 }
-
-
-class CheckpointError(ValueError):
-    """Base class of every error reading or writing a checkpoint."""
-
-
-class NotACheckpointError(CheckpointError):
-    """The data does not start with the checkpoint magic."""
-
-
-class UnsupportedVersionError(CheckpointError):
-    """The file was written with a format version this code cannot read."""
-
-
-class TruncatedCheckpointError(CheckpointError):
-    """The file ends before the lengths in its header say it should."""
-
-
-class CorruptedCheckpointError(CheckpointError):
-    """A checksum (header or payload sha256) does not match: the bytes were altered."""
 
 
 class IncompatibleCheckpointError(CheckpointError):
@@ -159,11 +146,6 @@ def _required_extra_args(config: Any) -> list[str]:
 # ------------------------------------------------------------------ bytes
 
 
-def _pack(header: dict[str, Any], payload: bytes) -> bytes:
-    head = json.dumps(header, sort_keys=True, allow_nan=False).encode()
-    return b"".join([MAGIC, _PREFIX.pack(FORMAT_VERSION, len(head)), hashlib.sha256(head).digest(), head, payload])
-
-
 def to_bytes(theta: Any, config: Any, metadata: dict[str, Any] | None = None) -> bytes:
     """Serialise θ with its architecture; raises :class:`IncompatibleCheckpointError` if they don't fit."""
     spec = architecture_spec(config)
@@ -189,43 +171,15 @@ def to_bytes(theta: Any, config: Any, metadata: dict[str, Any] | None = None) ->
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "payload_length": len(payload),
     }
-    return _pack(header, payload)
+    return pack(header, payload)
 
 
 def read_header(data: bytes) -> tuple[dict[str, Any], bytes]:
     """Check the framing and checksums; return ``(header, payload)`` without decoding θ."""
-    data = bytes(data)
-    if len(data) < len(MAGIC):
-        if MAGIC.startswith(data):
-            raise TruncatedCheckpointError(f"checkpoint truncated: {len(data)} bytes, shorter than the magic")
-        raise NotACheckpointError("not a Mnemosyne checkpoint (bad magic)")
-    if not data.startswith(MAGIC):
-        raise NotACheckpointError("not a Mnemosyne checkpoint (bad magic)")
-    if len(data) < _FIXED:
-        raise TruncatedCheckpointError(f"checkpoint truncated: {len(data)} bytes, the fixed header needs {_FIXED}")
-    version, head_len = _PREFIX.unpack_from(data, len(MAGIC))
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersionError(
-            f"checkpoint format version {version} is not supported (this code reads version {FORMAT_VERSION})")
-    head_sha = data[len(MAGIC) + _PREFIX.size:_FIXED]
-    head = data[_FIXED:_FIXED + head_len]
-    if len(head) < head_len:
-        raise TruncatedCheckpointError(f"checkpoint truncated inside its header ({len(head)}/{head_len} bytes)")
-    if hashlib.sha256(head).digest() != head_sha:
-        raise CorruptedCheckpointError("checkpoint header is corrupted (sha256 mismatch)")
-    try:
-        header = json.loads(head.decode())
-        n, digest = int(header["payload_length"]), header["payload_sha256"]
-    except (ValueError, KeyError, TypeError) as exc:  # only a forged header with a valid sha gets here
-        raise CorruptedCheckpointError(f"checkpoint header is malformed: {exc}") from exc
-    payload = data[_FIXED + head_len:]
-    if len(payload) < n:
-        raise TruncatedCheckpointError(f"checkpoint truncated: payload has {len(payload)} of {n} bytes")
-    if len(payload) > n:
-        raise CorruptedCheckpointError(f"checkpoint has {len(payload) - n} unexpected trailing bytes")
-    if hashlib.sha256(payload).hexdigest() != digest:
-        raise CorruptedCheckpointError("checkpoint payload is corrupted (sha256 mismatch)")
-    return header, payload
+    verifier = CheckpointVerifier()
+    verifier.feed(data)
+    header = verifier.finish()
+    return header, bytes(memoryview(data)[verifier.payload_offset:])
 
 
 def from_bytes(data: bytes) -> tuple[Any, Any, dict[str, Any]]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mnemosyne_core import checkpoint as ckpt
+from mnemosyne_core import checkpoint_format
 from mnemosyne_core.baselines import LSTMConfig, init_lstm_theta, lstm_optimizer
 from mnemosyne_core.checkpoint import (
     CheckpointError,
@@ -86,7 +87,7 @@ def test_fingerprint_tracks_structure_not_values(theta):
 
 def test_every_byte_flip_is_detected(blob):
     # Flip each byte of the fixed prefix and a stride of the header and payload.
-    positions = list(range(ckpt._FIXED)) + list(range(ckpt._FIXED, len(blob), max(1, len(blob) // 300)))
+    positions = list(range(checkpoint_format.FIXED)) + list(range(checkpoint_format.FIXED, len(blob), max(1, len(blob) // 300)))
     for pos in positions:
         damaged = bytearray(blob)
         damaged[pos] ^= 0x5A
@@ -97,13 +98,13 @@ def test_every_byte_flip_is_detected(blob):
     with pytest.raises(CorruptedCheckpointError, match="payload"):
         ckpt.from_bytes(bytes(flip))
     flip = bytearray(blob)
-    flip[ckpt._FIXED + 5] ^= 1
+    flip[checkpoint_format.FIXED + 5] ^= 1
     with pytest.raises(CorruptedCheckpointError, match="header"):
         ckpt.from_bytes(bytes(flip))
 
 
 def test_truncation_and_trailing_bytes(blob, tmp_path):
-    for n in [0, 3, len(ckpt.MAGIC), ckpt._FIXED - 1, ckpt._FIXED + 10, len(blob) - 1, len(blob) // 2]:
+    for n in [0, 3, len(ckpt.MAGIC), checkpoint_format.FIXED - 1, checkpoint_format.FIXED + 10, len(blob) - 1, len(blob) // 2]:
         with pytest.raises(TruncatedCheckpointError):
             ckpt.from_bytes(blob[:n])
     path = tmp_path / "cut.msgpack"
@@ -112,6 +113,28 @@ def test_truncation_and_trailing_bytes(blob, tmp_path):
         ckpt.load(path)
     with pytest.raises(CorruptedCheckpointError, match="trailing"):
         ckpt.from_bytes(blob + b"\0")
+
+
+def test_streaming_verifier_agrees_with_read_header_at_any_chunking(blob):
+    header, _ = ckpt.read_header(blob)
+    for size in (1, 7, checkpoint_format.FIXED, 4096, len(blob)):
+        v = checkpoint_format.CheckpointVerifier()
+        for i in range(0, len(blob), size):
+            v.feed(blob[i:i + size])
+        assert v.finish() == header and v.payload_offset < len(blob)
+    # A server rejects other bytes at the first chunk, not after receiving them all.
+    with pytest.raises(NotACheckpointError):
+        checkpoint_format.CheckpointVerifier().feed(os.urandom(1 << 16))
+    with pytest.raises(NotACheckpointError):
+        checkpoint_format.CheckpointVerifier().feed(b"\x89MNEMO-not")
+    cut = checkpoint_format.CheckpointVerifier()
+    cut.feed(blob[:-1])
+    with pytest.raises(TruncatedCheckpointError, match="payload has"):
+        cut.finish()
+    long = checkpoint_format.CheckpointVerifier()
+    long.feed(blob)
+    with pytest.raises(CorruptedCheckpointError, match="trailing"):
+        long.feed(b"\0")
 
 
 def test_wrong_magic_and_version(blob, tmp_path):
@@ -131,7 +154,7 @@ def test_wrong_magic_and_version(blob, tmp_path):
 def _reheader(blob: bytes, **changes) -> bytes:
     header, payload = ckpt.read_header(blob)
     header.update(changes)
-    return ckpt._pack(header, payload)  # checksums valid: only compatibility can fail
+    return checkpoint_format.pack(header, payload)  # checksums valid: only compatibility can fail
 
 
 def test_incompatible_checkpoints_are_refused(theta, blob):
