@@ -163,7 +163,7 @@ def main() -> int:
         raw, raw_port = start([sys.executable, __file__, "--raw-server", str(size)])
         try:
             with RegistryClient(f"127.0.0.1:{reg_port}", timeout=300) as client:
-                client.publish(os.urandom(size), "bench")
+                client.publish(os.urandom(size), "bench", {"compatibility": {"format": "opaque"}})
                 time_fetch(client, "bench", size)  # warm-up (page cache, connections)
                 time_raw(raw_port, size)
                 runs: dict[str, list[tuple[float, float]]] = {"raw": [], "fetch": [], "fetch_reused": [], "stream": []}

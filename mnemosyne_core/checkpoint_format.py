@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 PREFIX = struct.Struct(">HI")  # format version, header length
 FIXED = len(MAGIC) + PREFIX.size + 32  # magic, prefix, header sha256
 MAX_HEADER_BYTES = 1 << 20  # a real header is a few KiB; a larger length is a forgery
+KINDS = ("mnemosyne", "lstm")  # architecture kinds; checkpoint.py maps each to its config class
 
 
 class CheckpointError(ValueError):

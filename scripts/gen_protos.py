@@ -3,7 +3,9 @@
 
 ``protos/mnemosyne/registry/v1/registry.proto`` is compiled with the pinned
 ``grpcio-tools`` into ``mnemosyne_core/registry_client/`` (``registry_pb2.py``,
-``registry_pb2.pyi``, ``registry_pb2_grpc.py``). The generated gRPC module
+``registry_pb2.pyi``, ``registry_pb2_grpc.py``), and the standard
+``protos/grpc/reflection/v1/reflection.proto`` into
+``service/registry/reflection_v1/`` (:data:`TARGETS`). A generated gRPC module
 imports its messages by the proto's package path
 (``from mnemosyne.registry.v1 import registry_pb2``), which is not a Python
 package here, so that one import is rewritten to a relative import. The
@@ -20,22 +22,39 @@ Exit codes: 0 ok, 1 drift (``--check``), 2 generation failed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-PROTO = "mnemosyne/registry/v1/registry.proto"
-OUT_DIR = ROOT / "mnemosyne_core" / "registry_client"
-GENERATED = ("registry_pb2.py", "registry_pb2.pyi", "registry_pb2_grpc.py")
-ABSOLUTE_IMPORT = "from mnemosyne.registry.v1 import registry_pb2 as"
-RELATIVE_IMPORT = "from . import registry_pb2 as"
 LINT_HEADER = b"# ruff: noqa\n"
 
 
-def generate() -> dict[str, bytes]:
-    """Compile the proto into a temporary directory; return {file name: bytes}."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One .proto compiled into one Python package directory."""
+
+    proto: str       # path under protos/
+    out_dir: Path    # where the generated modules go
+    stem: str        # e.g. "registry" -> registry_pb2.py, registry_pb2.pyi, registry_pb2_grpc.py
+
+    @property
+    def generated(self) -> tuple[str, ...]:
+        return (f"{self.stem}_pb2.py", f"{self.stem}_pb2.pyi", f"{self.stem}_pb2_grpc.py")
+
+
+TARGETS = (
+    Target("mnemosyne/registry/v1/registry.proto", ROOT / "mnemosyne_core" / "registry_client", "registry"),
+    # grpcio-reflection implements only v1alpha; the server answers v1 with it (same messages).
+    Target("grpc/reflection/v1/reflection.proto", ROOT / "service" / "registry" / "reflection_v1", "reflection"),
+)
+# protos/grpc/health/v1/health.proto is shipped for other languages only: Python uses
+# grpcio-health-checking's code, and tests/test_registry_protos.py checks the two agree.
+
+
+def _compile(target: Target) -> dict[str, bytes]:
     from grpc_tools import protoc  # dev dependency only
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,18 +64,32 @@ def generate() -> dict[str, bytes]:
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
-            PROTO,
+            target.proto,
         ]
         if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {PROTO}")
-        out_dir = Path(tmp) / Path(PROTO).parent
-        files = {name: (out_dir / name).read_bytes() for name in GENERATED}
-    grpc_code = files["registry_pb2_grpc.py"].decode()
-    if ABSOLUTE_IMPORT not in grpc_code:
-        raise RuntimeError("generated gRPC module no longer has the expected import; update gen_protos.py")
-    files["registry_pb2_grpc.py"] = grpc_code.replace(ABSOLUTE_IMPORT, RELATIVE_IMPORT).encode()
+            raise RuntimeError(f"protoc failed on {target.proto}")
+        out_dir = Path(tmp) / Path(target.proto).parent
+        files = {name: (out_dir / name).read_bytes() for name in target.generated}
+    # The gRPC module imports its messages by the proto's package path, which is not a
+    # Python package here: rewrite that one import to a relative one.
+    package = ".".join(Path(target.proto).parent.parts)
+    absolute = f"from {package} import {target.stem}_pb2 as"
+    grpc_name = f"{target.stem}_pb2_grpc.py"
+    grpc_code = files[grpc_name].decode()
+    if absolute not in grpc_code:
+        raise RuntimeError(f"generated {grpc_name} no longer has the expected import; update gen_protos.py")
+    files[grpc_name] = grpc_code.replace(absolute, f"from . import {target.stem}_pb2 as").encode()
     # Generated code follows protoc's style, not ours: keep linters off it.
     return {name: LINT_HEADER + data for name, data in files.items()}
+
+
+def generate() -> dict[Path, bytes]:
+    """Compile every target; return {output path: bytes}."""
+    out: dict[Path, bytes] = {}
+    for target in TARGETS:
+        for name, data in _compile(target).items():
+            out[target.out_dir / name] = data
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gen_protos: error: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        drifted = [n for n, data in files.items() if not (OUT_DIR / n).exists() or (OUT_DIR / n).read_bytes() != data]
+        drifted = [str(p.relative_to(ROOT)) for p, data in files.items() if not p.exists() or p.read_bytes() != data]
         if drifted:
             print(
                 f"gen_protos: generated code is out of date: {', '.join(drifted)}; run `make protos`",
@@ -78,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("gen_protos: generated code is up to date")
         return 0
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        path = OUT_DIR / name
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_bytes() != data:
             path.write_bytes(data)
             print(f"gen_protos: wrote {path.relative_to(ROOT)}")

@@ -215,3 +215,8 @@ def test_grpc_uri_goes_to_the_registry_client(monkeypatch, theta):
     monkeypatch.setitem(sys.modules, "mnemosyne_core.registry_client", fake)
     out = ckpt.load("grpc://127.0.0.1:5000/digits@latest")
     assert calls == ["grpc://127.0.0.1:5000/digits@latest"] and out[2] == {"from": "registry"}
+
+
+def test_format_module_knows_every_checkpoint_kind():
+    # The registry server checks kinds with the JAX-free list; it must match the loaders.
+    assert checkpoint_format.KINDS == tuple(ckpt._KINDS)

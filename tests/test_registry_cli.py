@@ -5,10 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
+from mnemosyne_core import checkpoint
+from mnemosyne_core.baselines import LSTMConfig, init_lstm_theta
 from service import cli
 from service.registry.server import create_server, shutdown
+
+OPAQUE = {"compatibility": {"format": "opaque"}}  # test bytes, not checkpoints
 
 pytestmark = pytest.mark.xdist_group("registry")
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,10 +38,10 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_push_list_alias_pull(env, capsys, tmp_path):
     reg, tok = ["--registry", env["registry"]], ["--token-file", env["token"]]
-    artifact = tmp_path / "opt.bin"
-    artifact.write_bytes(b"optimizer bytes " * 1000)
+    artifact = tmp_path / "opt.msgpack"
+    checkpoint.save(artifact, init_lstm_theta(jax.random.key(0), LSTMConfig(hidden_size=4)), LSTMConfig(hidden_size=4))
     code, out, _ = run(capsys, "push", str(artifact), "--name", "cli-opt", *reg, *tok)
-    assert code == 0 and out.startswith("pushed cli-opt:1 (16000 bytes")
+    assert code == 0 and out.startswith(f"pushed cli-opt:1 ({artifact.stat().st_size} bytes")
     code, out, _ = run(capsys, "push", str(artifact), "--name", "cli-opt", "--alias", "best", *reg, *tok,
                        "--metadata", '{"lineage": {"run_id": "r42", "generation": 7}}')
     assert code == 0 and "cli-opt:2" in out and "best" in out
@@ -63,7 +68,7 @@ def test_watch_prints_moves(env, capsys, tmp_path):
     artifact = tmp_path / "w.bin"
     artifact.write_bytes(b"watch me")
     for _ in range(2):
-        assert run(capsys, "push", str(artifact), "--name", "cli-watch", *reg, *tok)[0] == 0
+        assert run(capsys, "push", str(artifact), "--name", "cli-watch", "--opaque", *reg, *tok)[0] == 0
     assert run(capsys, "alias", "cli-watch", "best", "1", *reg, *tok)[0] == 0
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))",
@@ -80,9 +85,16 @@ def test_watch_prints_moves(env, capsys, tmp_path):
 
 @pytest.mark.parametrize("argv,code,message", [
     (["push", "{missing}", "--name", "x"], 2, "cannot read file"),
-    (["push", "{artifact}", "--name", "bad name"], 1, "INVALID_ARGUMENT: invalid optimizer name"),
+    (["push", "{artifact}", "--name", "bad name", "--opaque"], 1, "INVALID_ARGUMENT: invalid optimizer name"),
     (["push", "{artifact}", "--name", "x", "--metadata", "{not json"], 2, "--metadata is not valid JSON"),
-    (["push", "{artifact}", "--name", "x", "--metadata", '{"lineage": {"generation": "many"}}'], 2, "invalid --metadata"),
+    (["push", "{artifact}", "--name", "x", "--opaque", "--metadata", '{"lineage": {"generation": "many"}}'], 2,
+     "invalid --metadata"),
+    # Issue 23 defect 1: checked here before sending, and by the server.
+    (["push", "{artifact}", "--name", "x"], 2, "a.bin is not a Mnemosyne checkpoint the registry accepts"),
+    (["push", "{artifact}", "--name", "x", "--opaque", "--metadata", '{"lineage": {"parent_version": 999}}'], 1,
+     "INVALID_ARGUMENT: lineage.parent_version 999: optimizer 'x' has no such version"),
+    (["push", "{artifact}", "--name", "x", "--opaque", "--metadata", '{"lineage": {"eval_metrics": {"l": "NaN"}}}'],
+     1, "INVALID_ARGUMENT: lineage.eval_metrics['l'] must be a finite number"),
     (["pull", "nothing-here@best", "-o", "{out}"], 1, "NOT_FOUND: unknown optimizer 'nothing-here'"),
     (["pull", "x@@", "-o", "{out}"], 2, "invalid optimizer reference"),
     (["pull", "x:99999999999999999999999", "-o", "{out}"], 2, "(1 <= VERSION <= 2^63-1)"),
@@ -90,12 +102,12 @@ def test_watch_prints_moves(env, capsys, tmp_path):
     (["alias", "x", "best"], 2, "give either VERSION or --delete"),
     (["alias", "x", "latest", "1"], 1, "FAILED_PRECONDITION"),
     (["watch", "x:3"], 2, "watch needs NAME@ALIAS"),
-    (["push", "{artifact}", "--name", "n" * 10_000 + "!"], 1, "… (10001 characters): use 1-128"),
+    (["push", "{artifact}", "--name", "n" * 10_000 + "!", "--opaque"], 1, "… (10001 characters): use 1-128"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(env, capsys, tmp_path, argv, code, message):
     artifact = tmp_path / "a.bin"
     artifact.write_bytes(b"a")
-    run(capsys, "push", str(artifact), "--name", "x", "--registry", env["registry"], "--token-file", env["token"])
+    run(capsys, "push", str(artifact), "--name", "x", "--opaque", "--registry", env["registry"], "--token-file", env["token"])
     subs = {"missing": str(tmp_path / "missing.bin"), "artifact": str(artifact), "out": str(tmp_path / "o")}
     argv = [a.format(**subs) if a.startswith("{") and a.endswith("}") and a[1:-1] in subs else a for a in argv]
     got, out, err = run(capsys, *argv, "--registry", env["registry"], "--token-file", env["token"])
@@ -109,7 +121,7 @@ def test_missing_token_and_unreachable_registry(env, capsys, tmp_path, monkeypat
     monkeypatch.delenv("MNEMOSYNE_REGISTRY_TOKEN", raising=False)
     artifact = tmp_path / "a.bin"
     artifact.write_bytes(b"a")
-    code, _, err = run(capsys, "push", str(artifact), "--name", "x", "--registry", env["registry"])
+    code, _, err = run(capsys, "push", str(artifact), "--name", "x", "--opaque", "--registry", env["registry"])
     assert code == 1 and err.count("\n") == 1 and "UNAUTHENTICATED: missing bearer token" in err
     code, _, err = run(capsys, "list", "--registry", "grpc://127.0.0.1:1")
     assert code == 1 and err.count("\n") == 1 and "cannot reach registry at grpc://127.0.0.1:1" in err
@@ -155,7 +167,7 @@ def test_serve_stops_gracefully_on_sigterm_ending_watches(tmp_path):
     line = proc.stdout.readline()
     assert line.startswith("mnemosyne registry listening on grpc://127.0.0.1:")
     with RegistryClient(line.split()[-1]) as client:
-        client.publish(b"v1", "graceful")
+        client.publish(b"v1", "graceful", OPAQUE)
         watch = client.watch("graceful", "latest")
         assert next(watch).version == 1
         proc.send_signal(signal.SIGTERM)

@@ -16,11 +16,14 @@ from mnemosyne_core.registry_client import (
     IncompatibleVersionError,
     InvalidURIError,
     RegistryClient,
+    RegistryClientError,
     find_theta,
     parse_ref,
     parse_uri,
     swap_theta,
 )
+from mnemosyne_core.registry_client import registry_pb2 as pb
+from mnemosyne_core.registry_client.artifacts import decode_checkpoint
 from service.registry.server import create_server, shutdown
 
 pytestmark = pytest.mark.xdist_group("registry")
@@ -90,7 +93,8 @@ def test_hot_swap_from_registry_without_recompiling(registry, kind):
     theta_next = jax.tree.map(
         lambda x: np.asarray(x + 0.3 * jax.random.normal(jax.random.key(1), x.shape, x.dtype)), theta_k)
     with RegistryClient(registry) as client:
-        version = client.publish(serialization.msgpack_serialize(theta_next), f"hotswap-{kind}")
+        version = client.publish(serialization.msgpack_serialize(theta_next), f"hotswap-{kind}",
+                                 {"compatibility": {"format": "opaque"}})  # a bare θ, not a checkpoint
         _, data = client.fetch(f"hotswap-{kind}", version.number)
     fetched = serialization.msgpack_restore(data)
 
@@ -164,27 +168,35 @@ def test_load_uri_accepts_a_checkpoint_from_an_older_release_and_checks_its_arch
     with RegistryClient(registry) as client:
         old = client.publish(data, "older-release")
         wrong = dict(header["architecture"], config={**header["architecture"]["config"], "width": 16})
-        bogus = client.publish(data, "older-release", {"compatibility": {
-            "architecture_spec_json": json.dumps(wrong, sort_keys=True)}})
+        # The server refuses a record that contradicts the checkpoint's header (issue 23 defect 1) ...
+        with pytest.raises(RegistryClientError, match="architecture_spec_json does not match") as info:
+            client.publish(data, "older-release", {"compatibility": {
+                "architecture_spec_json": json.dumps(wrong, sort_keys=True)}})
+        assert info.value.code == "INVALID_ARGUMENT"
+        assert [v.number for v in client.list_versions("older-release")] == [old.number]
     theta_got, config_got, meta_got = load_uri(f"{registry}/older-release:{old.number}")
     jax.tree.map(np.testing.assert_array_equal, theta_got, theta)
     assert config_got == config and meta_got == meta
+    # ... and the client still checks one it is given (a record written by an older server).
+    bogus = pb.Version(name="older-release", number=9, metadata=pb.VersionMetadata(
+        compatibility=pb.Compatibility(architecture_spec_json=json.dumps(wrong, sort_keys=True))))
     with pytest.raises(IncompatibleVersionError, match="architecture differs"):
-        load_uri(f"{registry}/older-release:{bogus.number}")
+        decode_checkpoint(bogus, data)
 
 
 def test_load_uri_refuses_incompatible_versions(registry):
     checkpoint = pytest.importorskip(
         "mnemosyne_core.checkpoint", reason="mnemosyne_core.checkpoint is not in this checkout yet")
     from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta
-    from mnemosyne_core.registry_client import load_uri
 
     config = MnemosyneConfig()
     data = checkpoint.to_bytes(init_theta(jax.random.key(0), config), config)
-    with RegistryClient(registry) as client:
-        bogus = client.publish(data, "incompatible", {"compatibility": {"theta_fingerprint": "0" * 64}})
+    with RegistryClient(registry) as client, pytest.raises(RegistryClientError, match="theta_fingerprint"):
+        client.publish(data, "incompatible", {"compatibility": {"theta_fingerprint": "0" * 64}})
+    bogus = pb.Version(name="incompatible", number=9, metadata=pb.VersionMetadata(
+        compatibility=pb.Compatibility(theta_fingerprint="0" * 64)))
     with pytest.raises(IncompatibleVersionError, match="fingerprint"):
-        load_uri(f"{registry}/incompatible:{bogus.number}")
+        decode_checkpoint(bogus, data)
     # `like=` refuses a θ that would not swap into the running optimizer state.
     other = {"w": jnp.zeros((2, 2))}
     with RegistryClient(registry) as client:

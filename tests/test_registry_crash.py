@@ -21,6 +21,8 @@ from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
 from mnemosyne_core.registry_client import registry_pb2 as pb
 from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
 
+OPAQUE = {"compatibility": {"format": "opaque"}}  # test bytes, not checkpoints
+
 pytestmark = pytest.mark.xdist_group("registry")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +53,8 @@ def check_integrity(port: int, data: Path) -> int:
 def stalled_upload(port: int, release: threading.Event):
     """An upload that sends its header and 5 of 20 chunks, then hangs: surely in flight at the kill."""
     payload = os.urandom(20 * (64 << 10))
-    header = pb.PublishHeader(name="crash", size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+    header = pb.PublishHeader(name="crash", size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
+                              metadata=pb.VersionMetadata(compatibility=pb.Compatibility(format="opaque")))
 
     def requests():
         yield pb.PublishRequest(header=header)
@@ -81,7 +84,7 @@ def test_sigkill_during_uploads_leaves_no_partial_version(tmp_path):
                     while not stop.is_set():
                         payload = hashlib.sha256(f"{round_}/{seed}/{i}".encode()).digest() * (40_000 + seed)
                         try:
-                            client.publish(payload, "crash", chunk_size=64 << 10)
+                            client.publish(payload, "crash", OPAQUE, chunk_size=64 << 10)
                         except RegistryClientError:
                             return  # the server died under us
                         finished.release()

@@ -13,6 +13,8 @@ MODULES = [
     "service.registry.handlers",
     "service.registry.schema",
     "service.registry.storage",
+    "service.registry.validation",
+    "mnemosyne_core.checkpoint_format",
     "mnemosyne_core.registry_client",
     "mnemosyne_core.registry_client.errors",
     "mnemosyne_core.registry_client.hotswap",

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.xdist_group("registry")
 
 
 def publish(reg: Registry, name: str, data: bytes):
-    return reg.publish(PublishSpec(name, {}, len(data), hashlib.sha256(data).hexdigest()), [data])
+    return reg.publish(PublishSpec(name, {"compatibility": {"format": "opaque"}}, len(data), hashlib.sha256(data).hexdigest()), [data])
 
 
 def orphan(reg: Registry, data: bytes, age_s: float = 0.0) -> str:

@@ -1,12 +1,15 @@
 """The registry over real gRPC on 127.0.0.1:0: publish, fetch, aliases, watch, auth, limits."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import threading
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -18,6 +21,8 @@ from mnemosyne_core.registry_client import (
 from mnemosyne_core.registry_client import registry_pb2 as pb
 from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
 from service.registry.server import create_server, shutdown
+
+OPAQUE = {"compatibility": {"format": "opaque"}}  # test bytes, not checkpoints
 
 pytestmark = pytest.mark.xdist_group("registry")
 TOKEN = "test-token"
@@ -48,9 +53,10 @@ def stub(server):
     channel.close()
 
 
-def _header(name: str, data: bytes, sha256: str | None = None) -> pb.PublishRequest:
+def _header(name: str, data: bytes, sha256: str | None = None, metadata: dict | None = None) -> pb.PublishRequest:
+    meta = json_format.ParseDict(OPAQUE if metadata is None else metadata, pb.VersionMetadata())
     return pb.PublishRequest(header=pb.PublishHeader(
-        name=name, size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest()))
+        name=name, size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest(), metadata=meta))
 
 
 def _chunks(data: bytes, size: int = 64 << 10):
@@ -67,23 +73,37 @@ def _assert_nothing_visible(client, server, name):
         threading.Event().wait(0.01)
 
 
+@functools.cache
+def _checkpoint_bytes(hidden_size: int = 4) -> bytes:
+    import jax
+
+    from mnemosyne_core import checkpoint
+    from mnemosyne_core.baselines import LSTMConfig, init_lstm_theta
+
+    config = LSTMConfig(hidden_size=hidden_size)
+    return checkpoint.to_bytes(init_lstm_theta(jax.random.key(0), config), config, {"generation": 40})
+
+
 def test_publish_fetch_roundtrip_with_metadata(client):
-    data = os.urandom(300_000)
-    meta = {"lineage": {"parent_version": 0, "run_id": "run-7", "generation": 40,
-                        "eval_metrics": {"digits_loss": 0.12}},
-            "compatibility": {"architecture_spec_json": "{\"variant\": \"tensor\"}",
-                              "theta_fingerprint": "abc", "required_extra_args": ["loss"]},
+    from mnemosyne_core import checkpoint
+
+    data = _checkpoint_bytes()
+    header, _ = checkpoint.read_header(data)
+    meta = {"lineage": {"parent_version": 0, "run_id": "run-7", "eval_metrics": {"digits_loss": 0.12}},
             "tags": {"team": "vision"}}
     v1 = client.publish(data, "roundtrip", meta)
-    v2 = client.publish(data[:1000], "roundtrip")
+    v2 = client.publish(data[:1000], "roundtrip", OPAQUE)
     assert (v1.number, v2.number) == (1, 2)
     got = client.get_version("roundtrip", 1)
     assert got.sha256 == hashlib.sha256(data).hexdigest() and got.size == len(data)
     assert got.metadata.lineage.run_id == "run-7" and got.metadata.lineage.generation == 40
     assert got.metadata.lineage.eval_metrics["digits_loss"] == pytest.approx(0.12)
-    assert list(got.metadata.compatibility.required_extra_args) == ["loss"]
+    compat = got.metadata.compatibility  # from the checkpoint's header
+    assert compat.format == "mnemosyne-checkpoint" and compat.theta_fingerprint == header["theta_fingerprint"]
+    assert json.loads(compat.architecture_spec_json) == header["architecture"]
     assert got.metadata.lineage.jax_version  # filled in by the client
     assert client.get_version("roundtrip").number == 2  # latest moved automatically
+    assert client.get_version("roundtrip", 2).metadata.compatibility.format == "opaque"
     version, fetched = client.fetch("roundtrip", 1)
     assert fetched == data and version.number == 1
 
@@ -148,7 +168,7 @@ def test_header_must_come_first(stub):
 
 @pytest.mark.parametrize("name,ref", [("no-such-optimizer", None), ("known", "no-such-alias"), ("known", 99)])
 def test_unknown_name_alias_or_version_is_not_found(client, name, ref):
-    client.publish(b"known optimizer", "known")
+    client.publish(b"known optimizer", "known", OPAQUE)
     with pytest.raises(RegistryClientError) as info:
         client.get_version(name, ref)
     assert info.value.code == "NOT_FOUND"
@@ -160,7 +180,7 @@ def test_unknown_name_alias_or_version_is_not_found(client, name, ref):
 def test_invalid_names_are_invalid_argument(client):
     for bad in ("", "has space", "../etc"):
         with pytest.raises(RegistryClientError) as info:
-            client.publish(b"x", bad)
+            client.publish(b"x", bad, OPAQUE)
         assert info.value.code == "INVALID_ARGUMENT" and "invalid optimizer name" in info.value.message
 
 
@@ -168,7 +188,7 @@ def test_invalid_names_are_invalid_argument(client):
 def test_writes_need_the_right_token(server, token, monkeypatch):
     monkeypatch.delenv("MNEMOSYNE_REGISTRY_TOKEN", raising=False)
     with RegistryClient(f"127.0.0.1:{server.port}", token=token) as anonymous:
-        for call in (lambda: anonymous.publish(b"data", "auth-test"),
+        for call in (lambda: anonymous.publish(b"data", "auth-test", OPAQUE),
                      lambda: anonymous.set_alias("auth-test", "best", 1),
                      lambda: anonymous.delete_alias("auth-test", "best")):
             with pytest.raises(RegistryClientError) as info:
@@ -181,7 +201,7 @@ def test_writes_need_the_right_token(server, token, monkeypatch):
 def test_token_from_environment(server, monkeypatch):
     monkeypatch.setenv("MNEMOSYNE_REGISTRY_TOKEN", TOKEN)
     with RegistryClient(f"grpc://127.0.0.1:{server.port}") as c:
-        assert c.publish(b"from env", "env-token").number == 1
+        assert c.publish(b"from env", "env-token", OPAQUE).number == 1
 
 
 def test_read_token_required(tmp_path):
@@ -213,7 +233,7 @@ def test_concurrent_publishers_get_gapless_versions(server):
         with RegistryClient(f"127.0.0.1:{server.port}", token=TOKEN) as c:
             barrier.wait()
             for j in range(per_thread):
-                v = c.publish(f"artifact {i}-{j}".encode() * 1000, "concurrent")
+                v = c.publish(f"artifact {i}-{j}".encode() * 1000, "concurrent", OPAQUE)
                 with lock:
                     published.append(v.number)
 
@@ -231,7 +251,7 @@ def test_concurrent_publishers_get_gapless_versions(server):
 
 def test_aliases_and_latest_rules(client):
     for i in range(3):
-        client.publish(f"v{i}".encode(), "aliased")
+        client.publish(f"v{i}".encode(), "aliased", OPAQUE)
     client.set_alias("aliased", "best", 2)
     assert client.get_version("aliased", "best").number == 2
     assert sorted(client.get_version("aliased", 2).aliases) == ["best"]
@@ -250,8 +270,8 @@ def test_aliases_and_latest_rules(client):
 
 def test_list_paging(client):
     for i in range(7):
-        client.publish(f"page {i}".encode(), "paged")
-        client.publish(f"page {i}".encode(), f"paged-{i}")
+        client.publish(f"page {i}".encode(), "paged", OPAQUE)
+        client.publish(f"page {i}".encode(), f"paged-{i}", OPAQUE)
     numbers = [v.number for v in client.list_versions("paged", page_size=3)]
     assert numbers == list(range(1, 8))
     names = [o.name for o in client.list_optimizers(prefix="paged-", page_size=2)]
@@ -263,7 +283,7 @@ def test_list_paging(client):
 
 def test_watch_receives_moves_in_order(client):
     for i in range(3):
-        client.publish(f"watch {i}".encode(), "watched")
+        client.publish(f"watch {i}".encode(), "watched", OPAQUE)
     client.set_alias("watched", "production", 1)
     watch = client.watch("watched", "production")
     events = []
@@ -294,10 +314,10 @@ def test_watch_receives_moves_in_order(client):
 
 
 def test_watch_latest_follows_publish(client):
-    client.publish(b"w0", "watch-latest")
+    client.publish(b"w0", "watch-latest", OPAQUE)
     watch = client.watch("watch-latest", "latest")
     assert next(watch).version == 1
-    client.publish(b"w1", "watch-latest")
+    client.publish(b"w1", "watch-latest", OPAQUE)
     assert next(watch).version == 2
     watch.cancel()
 
@@ -310,7 +330,7 @@ def test_watch_unknown_optimizer_is_not_found(client):
 
 def test_fetch_resumes_from_offset(client, tmp_path):
     data = os.urandom(3 * (1 << 20) + 12345)
-    client.publish(data, "resumable")
+    client.publish(data, "resumable", OPAQUE)
     for offset in (0, 1, 70_000, len(data) - 1, len(data)):
         _, chunks = client.stream("resumable", 1, offset=offset)
         parts = list(chunks)
@@ -356,7 +376,7 @@ def test_health_and_reflection(server):
 
 
 def test_deadlines_end_calls(client):
-    client.publish(b"quiet", "deadline")
+    client.publish(b"quiet", "deadline", OPAQUE)
     client.set_alias("deadline", "best", 1)
     watch = client.watch("deadline", "best", timeout=3.0)
     assert next(watch).version == 1
@@ -367,7 +387,7 @@ def test_deadlines_end_calls(client):
 
 def test_fetch_resumes_after_a_broken_stream_pinned_to_the_version(client, monkeypatch):
     data = os.urandom(3 << 20)
-    client.publish(data, "flaky")
+    client.publish(data, "flaky", OPAQUE)
     real_stream, calls = client.stream, []
 
     def flaky_stream(name, ref=None, offset=0, chunk_size=0):
@@ -378,7 +398,7 @@ def test_fetch_resumes_after_a_broken_stream_pinned_to_the_version(client, monke
 
         def broken():
             yield next(chunks)
-            client.publish(b"a newer version", "flaky")  # `latest` moves during the outage
+            client.publish(b"a newer version", "flaky", OPAQUE)  # `latest` moves during the outage
             raise RegistryClientError("UNAVAILABLE", "connection reset by peer")
 
         return version, broken()
@@ -391,7 +411,7 @@ def test_fetch_resumes_after_a_broken_stream_pinned_to_the_version(client, monke
 
 def test_fetch_into_a_reused_buffer(client):
     data = os.urandom(200_000)
-    client.publish(data, "into-buffer")
+    client.publish(data, "into-buffer", OPAQUE)
     buffer = bytearray(300_000)
     for _ in range(2):
         _, view = client.fetch("into-buffer", 1, out=buffer)
@@ -402,7 +422,7 @@ def test_fetch_into_a_reused_buffer(client):
 
 def test_large_fetch_round_trips(client, tmp_path):
     data = os.urandom(9 << 20)  # above the huge-page allocation threshold
-    client.publish(data, "large")
+    client.publish(data, "large", OPAQUE)
     _, got = client.fetch("large")
     assert len(got) == len(data) and bytes(got) == data
     client.download("large", None, tmp_path / "large.bin")
@@ -411,7 +431,7 @@ def test_large_fetch_round_trips(client, tmp_path):
 
 def test_interrupted_download_resumes_from_its_part_file(client, monkeypatch, tmp_path):
     data = os.urandom(3 << 20)
-    version = client.publish(data, "interrupted")
+    version = client.publish(data, "interrupted", OPAQUE)
     real_stream, offsets = client.stream, []
 
     def dying_stream(name, ref=None, offset=0, chunk_size=0):
@@ -462,7 +482,7 @@ def test_version_numbers_beyond_int64_are_invalid_argument_not_internal(client, 
     import base64
     import json
 
-    client.publish(os.urandom(1000), "huge-numbers")
+    client.publish(os.urandom(1000), "huge-numbers", OPAQUE)
     for number in (2**63, 2**64 - 1):
         ref = pb.VersionRef(name="huge-numbers", number=number)
         calls = [

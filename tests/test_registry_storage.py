@@ -49,7 +49,11 @@ def registry(db_url, tmp_path):
     reg.store.close()
 
 
+OPAQUE = {"format": "opaque"}  # test bytes, not checkpoints
+
+
 def spec(name: str, data: bytes, **metadata) -> PublishSpec:
+    metadata.setdefault("compatibility", OPAQUE)
     return PublishSpec(name, metadata, len(data), hashlib.sha256(data).hexdigest())
 
 
@@ -62,7 +66,7 @@ def test_versions_metadata_and_aliases(registry):
     v2 = publish(registry, "opt", b"second" * 100)
     assert (v1.number, v2.number) == (1, 2)
     got = registry.get_version("opt", number=1)
-    assert got.metadata == {"lineage": {"run_id": "r"}} and got.size == 500
+    assert got.metadata == {"lineage": {"run_id": "r"}, "compatibility": OPAQUE} and got.size == 500
     assert registry.get_version("opt").number == 2 and registry.get_version("opt").aliases == ("latest",)
     registry.set_alias("opt", "best", 1)
     assert registry.get_version("opt", alias="best").number == 1
@@ -86,7 +90,7 @@ def test_failed_uploads_consume_no_version_number(registry):
     publish(registry, "gapless", b"one")
     data = b"two" * 50
     with pytest.raises(errors.InvalidArgument, match="sha256 mismatch"):
-        registry.publish(PublishSpec("gapless", {}, len(data), "0" * 64), [data])
+        registry.publish(PublishSpec("gapless", {"compatibility": OPAQUE}, len(data), "0" * 64), [data])
 
     def broken():
         yield data[:10]

@@ -9,6 +9,8 @@ import pytest
 from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
 from service.registry.server import create_server, shutdown
 
+OPAQUE = {"compatibility": {"format": "opaque"}}  # test bytes, not checkpoints
+
 pytestmark = pytest.mark.xdist_group("registry")
 
 
@@ -32,7 +34,7 @@ def test_tls_server_with_bearer_token(cert, tmp_path):
     srv.start()
     try:
         with RegistryClient(f"grpcs://127.0.0.1:{port}", token="tls-token", tls_ca=crt) as client:
-            v = client.publish(b"over tls" * 100, "tls-opt")
+            v = client.publish(b"over tls" * 100, "tls-opt", OPAQUE)
             assert client.fetch("tls-opt", v.number)[1] == b"over tls" * 100
         # A plaintext client can't talk to the TLS port.
         with RegistryClient(f"grpc://127.0.0.1:{port}", timeout=5) as plain:

@@ -7,6 +7,8 @@ from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
 from service import cli
 from service.registry.server import create_server, shutdown
 
+OPAQUE = {"compatibility": {"format": "opaque"}}  # test bytes, not checkpoints
+
 pytestmark = pytest.mark.xdist_group("registry")
 
 
@@ -15,7 +17,7 @@ def served(tmp_path):
     srv, port = create_server(tmp_path, port=0)
     srv.start()
     client = RegistryClient(f"grpc://127.0.0.1:{port}")
-    client.publish(b"watched bytes", "w")
+    client.publish(b"watched bytes", "w", OPAQUE)
     client.set_alias("w", "prod", 1)
     yield srv, port, client
     client.close()

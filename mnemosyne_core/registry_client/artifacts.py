@@ -5,7 +5,8 @@ spec, θ fingerprint, required extra args) and code/JAX versions from a
 Mnemosyne checkpoint's header before it is published; ``decode_checkpoint``
 turns verified bytes back into ``(theta, config, metadata)`` and refuses an
 artifact that contradicts its record or would not hot-swap into ``like``.
-Anything that is not a checkpoint is published as opaque bytes.
+Bytes that are not a checkpoint are published only when the caller says so
+(``compatibility.format = "opaque"``); they are never decoded as an optimizer.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import hashlib
 import json
 from typing import Any
 
+from .. import checkpoint_format
 from . import registry_pb2 as pb
 from .errors import IncompatibleVersionError, IntegrityError, RegistryClientError
 
@@ -34,8 +36,15 @@ def _checkpoint():
     return checkpoint
 
 
+OPAQUE = "opaque"  # compatibility.format of bytes that are not a checkpoint (never decoded)
+
+
 def describe_checkpoint(data: bytes, meta: pb.VersionMetadata) -> None:
-    """Fill compatibility and code/JAX versions from a checkpoint artifact, keeping what is set."""
+    """Fill compatibility and code/JAX versions from a checkpoint artifact, keeping what is set.
+
+    Raises ValueError, before anything is sent, when ``data`` is not a valid checkpoint
+    and ``meta.compatibility.format`` is not ``"opaque"`` (the server would refuse it).
+    """
     lineage, compat = meta.lineage, meta.compatibility
     if not lineage.code_version:
         from mnemosyne_core import __version__
@@ -47,20 +56,17 @@ def describe_checkpoint(data: bytes, meta: pb.VersionMetadata) -> None:
             lineage.jax_version = dist_version("jax")  # without importing jax itself
         except PackageNotFoundError:
             lineage.jax_version = "not installed"
-    checkpoint = _checkpoint()
-    if checkpoint is None:
+    if compat.format == OPAQUE:
         return
-    try:
-        if hasattr(checkpoint, "read_header"):  # header only: no need to decode θ
-            header, _ = checkpoint.read_header(data)
-            spec, fingerprint = header["architecture"], header["theta_fingerprint"]
-            extra, ckpt_meta = header.get("required_extra_args") or [], header.get("metadata") or {}
-        else:
-            theta, config, ckpt_meta = checkpoint.from_bytes(data)
-            spec, fingerprint = checkpoint.architecture_spec(config), checkpoint.theta_fingerprint(theta)
-            extra = ["loss"] if getattr(config, "use_loss_feature", False) else []
-    except Exception:  # noqa: BLE001 - not a checkpoint: published as opaque bytes
-        return
+    verifier = checkpoint_format.CheckpointVerifier()
+    try:  # framing and checksums, without decoding θ
+        verifier.feed(data)
+        header = verifier.finish()
+        spec, fingerprint = header["architecture"], header["theta_fingerprint"]
+    except (checkpoint_format.CheckpointError, KeyError) as exc:
+        raise ValueError(f"not a valid Mnemosyne checkpoint ({exc}); to publish other bytes set "
+                         f'metadata compatibility.format = "{OPAQUE}"') from None
+    extra, ckpt_meta = header.get("required_extra_args") or [], header.get("metadata") or {}
     compat.format = compat.format or "mnemosyne-checkpoint"
     compat.theta_fingerprint = compat.theta_fingerprint or fingerprint
     compat.architecture_spec_json = compat.architecture_spec_json or json.dumps(spec, sort_keys=True)
@@ -72,18 +78,20 @@ def describe_checkpoint(data: bytes, meta: pb.VersionMetadata) -> None:
             setattr(lineage, key, ckpt_meta[key])
     if not lineage.generation and isinstance(ckpt_meta.get("generation"), int):
         lineage.generation = ckpt_meta["generation"]
-    if not lineage.parent_version and isinstance(ckpt_meta.get("parent_version"), int):
-        lineage.parent_version = ckpt_meta["parent_version"]
+    # lineage.parent_version is a version of this registry name: only the caller knows it.
 
 
 def decode_checkpoint(version: pb.Version, data: bytes, *, like: Any = None):
     """Decode verified bytes and check them against the version's compatibility metadata."""
+    compat = version.metadata.compatibility
+    where = f"{version.name}:{version.number}"
+    if compat.format == OPAQUE:
+        raise IncompatibleVersionError(f"{where} is an opaque artifact, not an optimizer checkpoint; "
+                                       "fetch its bytes with RegistryClient.fetch")
     checkpoint = _checkpoint()
     if checkpoint is None:
         raise RegistryClientError("UNIMPLEMENTED", "mnemosyne_core.checkpoint is not available to decode artifacts")
     theta, config, metadata = checkpoint.from_bytes(data)
-    compat = version.metadata.compatibility
-    where = f"{version.name}:{version.number}"
     if compat.theta_fingerprint and compat.theta_fingerprint != checkpoint.theta_fingerprint(theta):
         raise IncompatibleVersionError(f"{where}: θ fingerprint differs from the registry's compatibility record")
     stored_spec = json.loads(compat.architecture_spec_json) if compat.architecture_spec_json else None

@@ -233,12 +233,14 @@ class DeleteAliasResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WatchAliasRequest(_message.Message):
-    __slots__ = ("name", "alias")
+    __slots__ = ("name", "alias", "after_sequence")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     alias: str
-    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+    after_sequence: int
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
 
 class AliasEvent(_message.Message):
     __slots__ = ("name", "alias", "version", "deleted", "sequence", "unix_ms")

@@ -81,55 +81,84 @@ class RegistryServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Publish(self, request_iterator, context):
-        """Upload an artifact: first message carries `header`, the rest `chunk`s
-        (each at most the server's chunk limit, 1 MiB by default). The version
-        becomes visible only once the bytes match header.size and header.sha256.
+        """Upload an artifact (needs the token). The first message carries `header`,
+        every later one a `chunk` (at most 1 MiB each; any split is fine). The
+        version becomes visible, as number latest+1 with `latest` moved to it,
+        only once the bytes match header.size and header.sha256 and pass the
+        format check; otherwise nothing is stored and no number is used. Errors:
+        INVALID_ARGUMENT (header not first, bad name, sha256 not 64 lowercase hex,
+        size 0, size or sha256 mismatch, metadata out of bounds, unknown
+        parent_version, not a valid checkpoint, compatibility contradicting the
+        checkpoint's header), RESOURCE_EXHAUSTED (chunk > 1 MiB, artifact > 4 GiB).
+        A stream cut mid-upload stores nothing; publish again from the start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetVersion(self, request, context):
-        """One version by number or alias (default: `latest`).
+        """One version by number or alias (default: `latest`). NOT_FOUND if unknown.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListOptimizers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Names with at least one version, in name order, paged.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListVersions(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Versions of one name in number order, paged. NOT_FOUND for an unknown name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
-        """Download: first message `version` (size, sha256), then `chunk`s from
-        `offset` to the end. Clients verify sha256 over the whole artifact.
+        """Download: the first message is `version` (size, sha256), then `chunk`s
+        from `offset` to the end, in order. Verify sha256 over the whole artifact.
+        To resume after a broken stream, ask again by version NUMBER (never by
+        alias: it may have moved) with offset = bytes already received. Errors:
+        NOT_FOUND, INVALID_ARGUMENT (offset > size), DATA_LOSS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetAlias(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Point an alias at an existing version (needs the token); creates or moves
+        it. NOT_FOUND for an unknown name or version; FAILED_PRECONDITION for
+        `latest`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAlias(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Remove an alias (needs the token). NOT_FOUND if it is not set.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchAlias(self, request, context):
-        """The alias's current target (if any) and then every move, in order.
+        """Follow one alias. Without `after_sequence`: first an event for the
+        alias's current target (none if it is unset or deleted), then one event
+        per later move or delete, in commit order, for as long as the stream
+        lives. Setting an alias to the version it already points at is a move
+        too (an event). With `after_sequence` = the last sequence a watcher saw:
+        every event of this alias after it, in order (no snapshot first), then
+        live ones, so nothing that happened while it was disconnected is lost
+        or collapsed. The server keeps the last 256 events of each name@alias
+        (older ones are trimmed); resuming from before that is OUT_OF_RANGE:
+        re-read the alias (GetVersion) and watch again without after_sequence.
+        NOT_FOUND for an unknown name. On shutdown the server ends every watch
+        with UNAVAILABLE (the message names the last sequence sent): resume on
+        another server, or this one after restart, with after_sequence. A watch
+        costs the server no thread: many thousands may be open at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -66,6 +66,8 @@ def register(subparsers) -> None:
     push.add_argument("--name", required=True)
     push.add_argument("--metadata", help="VersionMetadata as JSON (lineage, compatibility, tags, description)")
     push.add_argument("--alias", action="append", default=[], help="also point this alias at the new version")
+    push.add_argument("--opaque", action="store_true",
+                      help="publish bytes that are not a Mnemosyne checkpoint (stored unchecked, never decoded)")
     push.set_defaults(func=_push)
 
     pull = client_parser("pull", "download a version (sha256-verified)")
@@ -207,6 +209,13 @@ def _push(args) -> int:
             metadata = json.loads(args.metadata)
         except json.JSONDecodeError as exc:
             raise CLIError(f"--metadata is not valid JSON: {exc}") from None
+        if not isinstance(metadata, dict):
+            raise CLIError("--metadata must be a JSON object")
+    if args.opaque:
+        metadata = metadata or {}
+        metadata.setdefault("compatibility", {})["format"] = "opaque"
+    elif ((metadata or {}).get("compatibility") or {}).get("format", "") != "opaque":
+        _check_checkpoint(args.file, data)
 
     def action(client):
         try:
@@ -220,6 +229,17 @@ def _push(args) -> int:
         return 0
 
     return _run(args, action)
+
+
+def _check_checkpoint(path: str, data: bytes) -> None:
+    """Decode the whole checkpoint here (θ against its config), before anything is sent."""
+    from mnemosyne_core import checkpoint
+
+    try:
+        checkpoint.from_bytes(data)
+    except checkpoint.CheckpointError as exc:
+        raise CLIError(f"{path} is not a Mnemosyne checkpoint the registry accepts: {exc} "
+                       "(--opaque publishes other bytes)") from None
 
 
 def _pull(args) -> int:

@@ -130,8 +130,8 @@ class BlobWriter:
         self._file.write(chunk)
         self.received += len(chunk)
 
-    def commit(self) -> None:
-        """Verify size and sha256, fsync, and atomically move the blob into place."""
+    def verify(self) -> None:
+        """Raise :class:`InvalidArgument` unless exactly the declared bytes arrived."""
         if self.received != self.expected_size:
             raise InvalidArgument(
                 f"upload ended after {self.received} of {self.expected_size} declared bytes"
@@ -139,6 +139,10 @@ class BlobWriter:
         actual = self._hash.hexdigest()
         if actual != self.sha256:
             raise InvalidArgument(f"sha256 mismatch: declared {self.sha256}, received {actual}")
+
+    def commit(self) -> None:
+        """Verify size and sha256, fsync, and atomically move the blob into place."""
+        self.verify()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

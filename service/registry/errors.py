@@ -26,6 +26,10 @@ class NotFound(RegistryError):
     """Unknown optimizer, version or alias."""
 
 
+class OutOfRange(RegistryError):
+    """A watch asked to resume after an event the server no longer keeps."""
+
+
 class FailedPrecondition(RegistryError):
     """The request is well-formed but not allowed now (e.g. moving ``latest`` by hand)."""
 

@@ -9,6 +9,12 @@ outputs are the storage records, failures are
 >>> reg = Registry(tempfile.mkdtemp())
 >>> data = b"some optimizer"
 >>> spec = PublishSpec("adam-ish", {}, len(data), hashlib.sha256(data).hexdigest())
+>>> reg.publish(spec, [data[:4], data[4:]])
+Traceback (most recent call last):
+...
+service.registry.errors.InvalidArgument: the artifact is not a valid Mnemosyne checkpoint (not a Mnemosyne checkpoint (bad magic)); publish other bytes with compatibility.format = "opaque"
+>>> opaque = {"compatibility": {"format": "opaque"}}
+>>> spec = PublishSpec("adam-ish", opaque, len(data), hashlib.sha256(data).hexdigest())
 >>> reg.publish(spec, [data[:4], data[4:]]).number
 1
 >>> version, chunks = reg.open_fetch("adam-ish", alias="latest", offset=5)
@@ -36,10 +42,12 @@ from .errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     Unavailable,
 )
 from .storage import LATEST, AliasRecord, OptimizerRecord, Store, VersionRecord
+from .validation import UploadCheck, check_metadata, parent_version
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,11 @@ MAX_PAGE = 1000
 
 @dataclasses.dataclass(frozen=True)
 class PublishSpec:
-    """The header of an upload: what the client promises to send."""
+    """The header of an upload: what the client promises to send.
+
+    ``metadata`` is ``VersionMetadata`` as proto JSON (``json_format.MessageToDict``
+    with proto field names).
+    """
 
     name: str
     metadata: dict
@@ -123,6 +135,7 @@ class Registry:
         max_artifact_bytes: largest accepted artifact.
         watch_poll_s: how often watchers also re-read the database, so moves made
             by another server process on the same database are seen too.
+        history_per_alias: alias events kept per alias for resuming watchers.
     """
 
     def __init__(
@@ -133,16 +146,18 @@ class Registry:
         max_chunk_bytes: int = MAX_CHUNK,
         max_artifact_bytes: int = 4 << 30,
         watch_poll_s: float = 1.0,
+        history_per_alias: int = 256,
     ):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.data_dir, max_size=max_artifact_bytes)
-        self.store = Store(db_url or f"sqlite:///{self.data_dir / 'registry.db'}")
+        self.store = Store(db_url or f"sqlite:///{self.data_dir / 'registry.db'}", history_per_alias=history_per_alias)
         self.max_chunk_bytes = max_chunk_bytes
         self.watch_poll_s = watch_poll_s
         self._cond = threading.Condition()
         self._generation = 0  # bumped on every alias change / shutdown; wakes watchers
         self._closed = False
+        self._listeners: list[tuple] = []  # (on_change, on_close): the server's watch hub
 
     # -- lifecycle ------------------------------------------------------------
     def recover(self, verify: bool = True, orphan_grace_s: float = 0.0) -> RecoveryReport:
@@ -169,11 +184,26 @@ class Registry:
             self._closed = True
             self._generation += 1
             self._cond.notify_all()
+        for _, on_close in list(self._listeners):
+            on_close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def subscribe(self, on_change, on_close) -> None:
+        """Call ``on_change()`` after every alias change and ``on_close()`` on :meth:`close`.
+
+        Both are called from whatever thread made the change; they must not block.
+        """
+        self._listeners.append((on_change, on_close))
 
     def wake_watchers(self) -> None:
         with self._cond:
             self._generation += 1
             self._cond.notify_all()
+        for on_change, _ in list(self._listeners):
+            on_change()
 
     # -- publish / fetch --------------------------------------------------------
     def publish(self, spec: PublishSpec, chunks: Iterable[bytes]) -> VersionRecord:
@@ -187,6 +217,17 @@ class Registry:
         check_sha256(spec.sha256)
         if spec.size <= 0:
             raise InvalidArgument("size must be > 0: empty artifacts are not accepted")
+        metadata = check_metadata(spec.metadata)
+        parent = parent_version(metadata)
+        if parent:  # versions are never deleted, so a parent found now still exists at commit
+            if parent > MAX_VERSION:
+                raise InvalidArgument(f"lineage.parent_version {parent} exceeds 2^63-1")
+            try:
+                self.store.get_version(spec.name, number=parent)
+            except NotFound:
+                raise InvalidArgument(
+                    f"lineage.parent_version {parent}: optimizer {spec.name!r} has no such version") from None
+        check = UploadCheck(metadata)
         with self.blobs.writer(spec.sha256, spec.size) as writer:
             for chunk in chunks:
                 if len(chunk) > self.max_chunk_bytes:
@@ -194,9 +235,12 @@ class Registry:
                         f"chunk of {len(chunk)} bytes exceeds the {self.max_chunk_bytes}-byte chunk limit; "
                         "split the upload into smaller chunks"
                     )
+                check.feed(chunk)  # random bytes fail here, at the first chunk
                 writer.write(chunk)
+            writer.verify()  # size and sha256 first: a cut stream is reported as such
+            metadata = check.finish()
             writer.commit()
-        version = self.store.create_version(spec.name, spec.sha256, spec.size, spec.metadata)
+        version = self.store.create_version(spec.name, spec.sha256, spec.size, metadata)
         self.wake_watchers()
         return version
 
@@ -253,22 +297,38 @@ class Registry:
         self.store.delete_alias(name, alias)
         self.wake_watchers()
 
-    def watch(self, name: str, alias: str, stop: threading.Event) -> Iterator[AliasRecord]:
-        """Yield the alias's current target (if set), then every later move, in order.
+    def watch_start(self, name: str, alias: str, after_sequence: int = 0) -> tuple[list[AliasRecord], int]:
+        """Where a watch starts: ``(events to send first, sequence to follow from)``.
 
-        Ends when ``stop`` is set (client went away; call :meth:`wake_watchers`
-        after setting it). When the registry is closed (server shutdown) it raises
-        :class:`Unavailable` naming the last sequence sent, so a watcher can tell
-        a broken stream from a finished one and reconnect.
+        Without ``after_sequence``: the alias's current target (if set) and its event id.
+        With it: nothing first, follow from it; :class:`OutOfRange` if events after it
+        were trimmed. :class:`NotFound` for unknown names.
         """
         check_name(name)
         check_alias(alias)
-        current = self.store.current_alias(name, alias)  # NotFound for unknown names
-        last = 0
-        if current is not None:
-            last = current.sequence
-            if current.version is not None:
-                yield current
+        if after_sequence < 0 or after_sequence > MAX_VERSION:
+            raise InvalidArgument(f"after_sequence must be 0..2^63-1, got {after_sequence}")
+        if after_sequence:
+            self.store.check_resume(name, alias, after_sequence)
+            return [], after_sequence
+        current = self.store.current_alias(name, alias)
+        if current is None:
+            return [], 0
+        return ([current] if current.version is not None else []), current.sequence
+
+    def watch(self, name: str, alias: str, stop: threading.Event, after_sequence: int = 0) -> Iterator[AliasRecord]:
+        """Yield the alias's current target (if set), then every later move, in order.
+
+        With ``after_sequence``, yield every event after it instead of the current
+        target (see :meth:`watch_start`). Ends when ``stop`` is set (client went away;
+        call :meth:`wake_watchers` after setting it). When the registry is closed
+        (server shutdown) it raises :class:`Unavailable` naming the last sequence
+        sent, so a watcher can tell a broken stream from a finished one and resume.
+        This blocking form holds its thread; the gRPC server uses
+        :class:`~service.registry.watch.WatchHub`, which holds none.
+        """
+        first, last = self.watch_start(name, alias, after_sequence)
+        yield from first
         while True:
             with self._cond:
                 seen = self._generation
@@ -282,8 +342,12 @@ class Registry:
                 if stop.is_set():
                     return
                 if self._closed:
-                    raise Unavailable(
-                        f"registry is shutting down; watch of {name}@{alias} ended after sequence {last}, reconnect")
+                    raise self.shutdown_error(name, alias, last)
+
+    @staticmethod
+    def shutdown_error(name: str, alias: str, last: int) -> Unavailable:
+        return Unavailable(f"registry is shutting down; watch of {name}@{alias} ended after sequence {last}, "
+                           "reconnect with after_sequence to resume")
 
     # -- helpers ----------------------------------------------------------------
     def _check_open(self) -> None:

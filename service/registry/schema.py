@@ -1,12 +1,14 @@
 """The registry's tables and the plain records handlers work with.
 
-Four tables: ``optimizers`` (one row per name; its ``latest_version`` is the
+Five tables: ``optimizers`` (one row per name; its ``latest_version`` is the
 counter that keeps version numbers gapless), ``versions`` (immutable),
-``aliases`` (mutable pointers) and ``alias_events`` (append-only log of alias
-moves that watchers follow by id).
+``aliases`` (mutable pointers), ``alias_events`` (the log of alias moves that
+watchers follow by id, trimmed to the newest events of each alias) and
+``alias_history`` (per alias, the last event id trimmed away: a watcher
+resuming from before it has missed events).
 
 >>> sorted(metadata_obj.tables)
-['alias_events', 'aliases', 'optimizers', 'versions']
+['alias_events', 'alias_history', 'aliases', 'optimizers', 'versions']
 """
 from __future__ import annotations
 
@@ -53,6 +55,13 @@ alias_events_t = sa.Table(
     sa.Column("version", sa.Integer, nullable=True),  # NULL = deleted
     sa.Column("unix_ms", sa.BigInteger, nullable=False),
     sa.Index("ix_alias_events_name_alias_id", "name", "alias", "id"),
+)
+alias_history_t = sa.Table(
+    "alias_history",
+    metadata_obj,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("alias", sa.String(64), primary_key=True),
+    sa.Column("trimmed_through", sa.BigInteger, nullable=False),  # events with id <= this are gone
 )
 
 

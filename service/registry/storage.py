@@ -11,6 +11,10 @@ same transaction. The number is allocated only after the blob is verified,
 so a failed upload never consumes one. Alias moves are appended to
 ``alias_events`` under the same lock, which makes event ids per optimizer
 increase in commit order — what :meth:`Store.alias_events_after` relies on.
+Each alias keeps its newest ``history_per_alias`` events (default 256); the
+write that appends an event trims older ones in the same transaction and
+records the last id removed, so :meth:`Store.check_resume` can tell a watcher
+that asks for a trimmed event to re-read the alias instead.
 
 >>> store = Store("sqlite://")
 >>> store.create_version("demo", "ab" * 32, 5, {}).number
@@ -30,13 +34,14 @@ import threading
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from .errors import NotFound
+from .errors import NotFound, OutOfRange
 from .schema import (
     LATEST,
     AliasRecord,
     OptimizerRecord,
     VersionRecord,
     alias_events_t,
+    alias_history_t,
     aliases_t,
     metadata_obj,
     now_ms,
@@ -109,8 +114,11 @@ class LRUCache:
 class Store:
     """The registry's tables and the transactions that keep them consistent."""
 
-    def __init__(self, url: str, cache_size: int = 4096):
+    def __init__(self, url: str, cache_size: int = 4096, history_per_alias: int = 256):
+        if history_per_alias < 1:
+            raise ValueError("history_per_alias must be >= 1")
         self.url = url
+        self.history_per_alias = history_per_alias
         self.engine = _make_engine(url)
         self._cache = LRUCache(cache_size)
         metadata_obj.create_all(self.engine)
@@ -178,6 +186,7 @@ class Store:
             if result.rowcount == 0:
                 raise NotFound(f"optimizer {name!r} has no alias {alias!r}")
             conn.execute(alias_events_t.insert().values(name=name, alias=alias, version=None, unix_ms=now_ms()))
+            self._trim_history(conn, name, alias)
 
     def _put_alias(self, conn, name: str, alias: str, version: int, ts: int) -> int:
         updated = conn.execute(
@@ -188,7 +197,26 @@ class Store:
         if updated.rowcount == 0:
             conn.execute(aliases_t.insert().values(name=name, alias=alias, version=version, updated_ms=ts))
         result = conn.execute(alias_events_t.insert().values(name=name, alias=alias, version=version, unix_ms=ts))
+        self._trim_history(conn, name, alias)
         return int(result.inserted_primary_key[0])
+
+    def _trim_history(self, conn, name: str, alias: str) -> None:
+        """Keep the newest ``history_per_alias`` events of ``name@alias`` (under the optimizer's lock)."""
+        events = alias_events_t.c
+        cutoff = conn.execute(
+            sa.select(events.id).where(events.name == name, events.alias == alias)
+            .order_by(events.id.desc()).offset(self.history_per_alias).limit(1)
+        ).scalar_one_or_none()
+        if cutoff is None:
+            return
+        conn.execute(alias_events_t.delete().where(events.name == name, events.alias == alias, events.id <= cutoff))
+        updated = conn.execute(
+            alias_history_t.update()
+            .where(alias_history_t.c.name == name, alias_history_t.c.alias == alias)
+            .values(trimmed_through=cutoff)
+        )
+        if updated.rowcount == 0:
+            conn.execute(alias_history_t.insert().values(name=name, alias=alias, trimmed_through=cutoff))
 
     # -- reads ----------------------------------------------------------------
     def get_version(self, name: str, number: int | None = None, alias: str | None = None) -> VersionRecord:
@@ -274,6 +302,34 @@ class Store:
                 .order_by(alias_events_t.c.id)
             ).all()
         return [AliasRecord(r.name, r.alias, r.version, r.unix_ms, r.id) for r in rows]
+
+    def check_resume(self, name: str, alias: str, after: int) -> None:
+        """Raise :class:`OutOfRange` if events of ``name@alias`` after ``after`` were trimmed away."""
+        with self._read() as conn:
+            self._require_optimizer(conn, name)
+            trimmed = conn.execute(
+                sa.select(alias_history_t.c.trimmed_through)
+                .where(alias_history_t.c.name == name, alias_history_t.c.alias == alias)
+            ).scalar_one_or_none()
+        if trimmed is not None and after < trimmed:
+            raise OutOfRange(
+                f"cannot resume the watch of {name}@{alias} after sequence {after}: the server keeps the last "
+                f"{self.history_per_alias} events of each alias and has dropped those up to {trimmed}; "
+                "re-read the alias and watch again without after_sequence")
+
+    def alias_events_since(self, cursors: dict[tuple[str, str], int]) -> list[AliasRecord]:
+        """Events of several aliases at once, each after its own cursor, in id order (one query)."""
+        if not cursors:
+            return []
+        names = sorted({name for name, _ in cursors})
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(alias_events_t)
+                .where(alias_events_t.c.id > min(cursors.values()), alias_events_t.c.name.in_(names))
+                .order_by(alias_events_t.c.id)
+            ).all()
+        return [AliasRecord(r.name, r.alias, r.version, r.unix_ms, r.id) for r in rows
+                if r.id > cursors.get((r.name, r.alias), r.id)]
 
     def referenced_digests(self) -> set[str]:
         with self._read() as conn:
