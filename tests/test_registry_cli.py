@@ -75,7 +75,7 @@ def test_watch_prints_moves(env, capsys, tmp_path):
          "registry", "watch", "cli-watch@best", "--count", "3", *reg],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline()  # subscribed once the current target is printed
-    assert first.rstrip().endswith("cli-watch@best -> 1")
+    assert first.split("\t")[1] == "cli-watch@best -> 1" and first.rstrip().split("\t")[2].startswith("seq=")
     assert run(capsys, "alias", "cli-watch", "best", "2", *reg, *tok)[0] == 0
     assert run(capsys, "alias", "cli-watch", "best", "--delete", *reg, *tok)[0] == 0
     rest, err = proc.communicate()

@@ -33,3 +33,45 @@ def test_check_detects_drift(tmp_path):
     assert subprocess.run(check, check=False, capture_output=True).returncode == 0
     grpc_module = (tmp_path / "mnemosyne_core" / "registry_client" / "registry_pb2_grpc.py").read_text()
     assert "from . import registry_pb2 as" in grpc_module and "from mnemosyne.registry" not in grpc_module
+
+
+def _compiled(proto: str):
+    """FileDescriptorProto of one of our .proto files, compiled with protoc here."""
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+
+    out = ROOT / ".cache" / f"{Path(proto).stem}.desc"
+    out.parent.mkdir(exist_ok=True)
+    assert protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--descriptor_set_out={out}", proto]) == 0
+    return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+
+
+def _shape(fd):
+    """Package, messages (fields by number) and methods: what must match on the wire."""
+    def fields(m):
+        return {f.number: (f.name, f.type, f.label, f.type_name.rsplit(".", 1)[-1]) for f in m.field}
+    messages = {m.name: (fields(m), {n.name: fields(n) for n in m.nested_type},
+                         {e.name: [(v.name, v.number) for v in e.value] for e in m.enum_type}) for m in fd.message_type}
+    methods = {(s.name, m.name): (m.input_type.rsplit(".", 1)[-1], m.output_type.rsplit(".", 1)[-1],
+                                  m.client_streaming, m.server_streaming) for s in fd.service for m in s.method}
+    return fd.package, messages, methods
+
+
+def test_shipped_health_proto_is_the_one_grpc_serves():
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
+
+    theirs = descriptor_pb2.FileDescriptorProto()
+    health_pb2.DESCRIPTOR.CopyToProto(theirs)
+    assert _shape(_compiled("grpc/health/v1/health.proto")) == _shape(theirs)
+
+
+def test_reflection_v1_proto_matches_v1alpha_field_for_field():
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    alpha = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(alpha)
+    package, messages, methods = _shape(_compiled("grpc/reflection/v1/reflection.proto"))
+    assert package == "grpc.reflection.v1" and alpha.package == "grpc.reflection.v1alpha"
+    assert (messages, methods) == _shape(alpha)[1:]  # so v1alpha's code answers v1 calls

@@ -372,6 +372,23 @@ def test_health_and_reflection(server):
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     services = {s.name for r in responses for s in r.list_services_response.service}
     assert "mnemosyne.registry.v1.RegistryService" in services
+    # Reflection v1 too (grpcurl asks it first), listing and describing services.
+    from service.registry.reflection_v1 import reflection_pb2 as v1
+    from service.registry.reflection_v1 import reflection_pb2_grpc as v1_grpc
+
+    v1_stub = v1_grpc.ServerReflectionStub(channel)
+    requests = [v1.ServerReflectionRequest(list_services=""),
+                v1.ServerReflectionRequest(file_containing_symbol="mnemosyne.registry.v1.RegistryService"),
+                v1.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection")]
+    listed, described, itself = list(v1_stub.ServerReflectionInfo(iter(requests)))
+    assert {s.name for s in listed.list_services_response.service} >= {
+        "mnemosyne.registry.v1.RegistryService", "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+    from google.protobuf import descriptor_pb2
+    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+             for b in described.file_descriptor_response.file_descriptor_proto]
+    assert "mnemosyne/registry/v1/registry.proto" in {f.name for f in files}
+    assert itself.WhichOneof("message_response") == "file_descriptor_response"
     channel.close()
 
 

@@ -233,3 +233,26 @@ def test_closed_registry_refuses_writes(registry):
     registry.close()
     with pytest.raises(errors.Unavailable):
         publish(registry, "closed", b"x")
+
+
+def test_alias_history_is_trimmed_per_alias_and_old_resumes_are_out_of_range(db_url, tmp_path):
+    reg = Registry(tmp_path / "trim", db_url, history_per_alias=5)
+    try:
+        publish(reg, "t", b"one")
+        publish(reg, "t", b"two")
+        first = reg.set_alias("t", "prod", 1).sequence
+        for i in range(12):
+            reg.set_alias("t", "prod", 1 + i % 2)
+            reg.set_alias("t", "canary", 2)
+        for alias in ("prod", "canary", "latest"):
+            events = reg.store.alias_events_after("t", alias, 0)
+            assert len(events) == (5 if alias != "latest" else 2)
+            assert [e.sequence for e in events] == sorted(e.sequence for e in events)
+        with pytest.raises(errors.OutOfRange, match=f"after sequence {first}"):
+            reg.watch_start("t", "prod", after_sequence=first)
+        kept = reg.store.alias_events_after("t", "prod", 0)
+        assert reg.watch_start("t", "prod", after_sequence=kept[0].sequence) == ([], kept[0].sequence)
+        reg.watch_start("t", "latest", after_sequence=1)  # never trimmed: any sequence resumes
+    finally:
+        reg.close()
+        reg.store.close()

@@ -38,8 +38,8 @@ def test_shutdown_ends_a_watch_with_unavailable_not_a_quiet_end(served):
 
 def test_cli_watch_exits_non_zero_with_one_line_when_the_server_shuts_down(served, capsys):
     srv, port, _ = served
-    srv.registry.close()
+    srv.registry.close()  # a watch that starts during shutdown is refused at once
     code = cli.main(["registry", "watch", "w@prod", "--registry", f"grpc://127.0.0.1:{port}"])
     out, err = capsys.readouterr()
-    assert code == 1 and out.strip().endswith("w@prod -> 1")
+    assert code == 1 and out == ""
     assert "UNAVAILABLE" in err and "shutting down" in err and len(err.strip().splitlines()) == 1

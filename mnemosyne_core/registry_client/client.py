@@ -231,8 +231,13 @@ class RegistryClient:
     def delete_alias(self, name: str, alias: str) -> None:
         self._call(self._stub.DeleteAlias, pb.DeleteAliasRequest(name=name, alias=alias))
 
-    def watch(self, name: str, alias: str, timeout: float | None = None) -> AliasWatch:
-        """Iterate over the alias's current target and every later move; ``.cancel()`` to stop."""
-        call = self._stub.WatchAlias(pb.WatchAliasRequest(name=name, alias=alias),
-                                     metadata=self._metadata, timeout=timeout)
+    def watch(self, name: str, alias: str, timeout: float | None = None, *, after_sequence: int = 0) -> AliasWatch:
+        """Iterate over the alias's current target and every later move; ``.cancel()`` to stop.
+
+        ``after_sequence``: resume after the ``sequence`` of the last event received,
+        getting every move since (no current-target event first); a sequence older than
+        the server's history raises OUT_OF_RANGE: re-read the alias and watch anew.
+        """
+        request = pb.WatchAliasRequest(name=name, alias=alias, after_sequence=after_sequence)
+        call = self._stub.WatchAlias(request, metadata=self._metadata, timeout=timeout)
         return AliasWatch(call)

@@ -21,6 +21,8 @@ import datetime
 import json
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 from service.cli import CLIError
@@ -90,6 +92,10 @@ def register(subparsers) -> None:
     watch = client_parser("watch", "print every move of an alias until interrupted")
     watch.add_argument("ref", metavar="NAME@ALIAS")
     watch.add_argument("--count", type=int, default=0, help="exit after this many events")
+    watch.add_argument("--after", type=int, default=0, metavar="SEQ",
+                       help="resume after this event sequence (the seq= column): print every move since")
+    watch.add_argument("--follow", action="store_true",
+                       help="when the server goes away, reconnect and resume after the last event printed")
     watch.set_defaults(func=_watch)
 
 
@@ -291,23 +297,40 @@ def _alias(args) -> int:
 
 
 def _watch(args) -> int:
-    from mnemosyne_core.registry_client import parse_ref
+    from mnemosyne_core.registry_client import RegistryClientError, parse_ref
+
+    if args.after < 0:
+        raise CLIError("--after must be >= 0")
 
     def action(client):
         name, number, alias = parse_ref(args.ref)
         if number is not None or "@" not in args.ref:
             raise CLIError(f"watch needs NAME@ALIAS, got {args.ref!r}")
-        watch = client.watch(name, alias)
-        seen = 0
-        try:
-            for event in watch:
-                target = "deleted" if event.deleted else str(event.version)
-                print(f"{_when(event.unix_ms)}\t{event.name}@{event.alias} -> {target}", flush=True)
-                seen += 1
-                if args.count and seen >= args.count:
-                    break
-        finally:
-            watch.cancel()
-        return 0
+        seen, last, backoff = 0, args.after, 0.5
+        while True:
+            watch = client.watch(name, alias, after_sequence=last)
+            try:
+                for event in watch:
+                    target = "deleted" if event.deleted else str(event.version)
+                    print(f"{_when(event.unix_ms)}\t{event.name}@{event.alias} -> {target}\tseq={event.sequence}",
+                          flush=True)
+                    seen, last, backoff = seen + 1, event.sequence, 0.5
+                    if args.count and seen >= args.count:
+                        return 0
+                return 0  # the server ended the stream without an error
+            except RegistryClientError as exc:
+                if not args.follow or exc.code not in ("UNAVAILABLE", "OUT_OF_RANGE"):
+                    raise
+                if exc.code == "OUT_OF_RANGE":  # moves were trimmed: start over from the current target
+                    print(f"watch: events after seq={last} are no longer kept; re-reading {name}@{alias}",
+                          file=sys.stderr, flush=True)
+                    last = 0
+                    continue
+                print(f"watch: {exc.code}: {' '.join(exc.message.split())[:200]}; reconnecting in {backoff:g} s "
+                      f"after seq={last}", file=sys.stderr, flush=True)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                watch.cancel()
 
     return _run(args, action)

@@ -1,4 +1,4 @@
-"""Bearer-token authentication as a gRPC server interceptor.
+"""Bearer-token authentication as a gRPC (asyncio) server interceptor.
 
 Writes (``Publish``, ``SetAlias``, ``DeleteAlias``) always need a token when
 tokens are configured; reads need one only with ``require_for_reads=True``.
@@ -36,8 +36,8 @@ def load_token_file(path: str | Path) -> tuple[str, ...]:
     return tokens
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Reject registry calls without a valid bearer token with ``UNAUTHENTICATED``."""
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Reject registry calls without a valid bearer token with ``UNAUTHENTICATED`` (asyncio server)."""
 
     def __init__(self, tokens: tuple[str, ...], require_for_reads: bool = False):
         if not tokens:
@@ -54,6 +54,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if header is None:
             return False, "missing bearer token: send 'authorization: Bearer <token>' (see --token-file)"
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return False, "malformed authorization header: expected 'Bearer <token>'"
@@ -64,8 +66,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             ok |= hmac.compare_digest(given, t)
         return ok, "" if ok else "invalid bearer token"
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or not self._protected(handler_call_details.method):
             return handler
         ok, message = self._valid(handler_call_details.invocation_metadata)
@@ -77,17 +79,21 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED."""
 
-    def abort(_request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def abort(_request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def abort_stream(_request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - never reached; makes this an async generator
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
     return grpc.unary_unary_rpc_method_handler(abort, **kwargs)

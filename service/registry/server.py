@@ -19,6 +19,7 @@ stored blob is re-verified. The data directory is locked (``DATA/LOCK``,
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
@@ -28,17 +29,68 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from mnemosyne_core.registry_client import registry_pb2 as pb
 
 from .auth import BearerTokenInterceptor
 from .blobs import DataDirLock
 from .handlers import MAX_CHUNK, Registry
+from .reflection import enable_reflection
 from .servicer import RegistryServicer, add_to_server
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class RegistryServer:
+    """A ``grpc.aio`` server on its own event-loop thread, driven from plain threads.
+
+    Every RPC is a coroutine on that loop; blocking work runs in a thread pool of
+    ``max_workers`` threads, so watchers (which wait on the loop) cost no thread.
+    ``start()``, ``stop(grace)`` (returns a :class:`threading.Event` set once stopped)
+    and ``wait_for_termination()`` mirror ``grpc.Server``. ``registry``, ``health``,
+    ``hub`` (the :class:`~service.registry.watch.WatchHub`) and ``data_lock`` are set
+    by :func:`create_server`.
+    """
+
+    def __init__(self, max_workers: int):
+        self.pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="registry")
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="registry-loop", daemon=True)
+        self._thread.start()
+        self._stopped = threading.Event()
+        self.server: grpc.aio.Server | None = None
+
+    def call(self, coro, timeout: float | None = None):
+        """Run a coroutine on the server's loop from another thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> None:
+        self.call(self.server.start())
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop serving; in-flight calls get ``grace`` seconds. The event is set once stopped."""
+        if not self._stopped.is_set():
+            if self.server is not None:
+                self.call(self.server.stop(grace))
+            self.call(_cancel_other_tasks())  # the watch hub's fan-out task
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self.loop.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self._stopped.set()
+        return self._stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def create_server(
@@ -55,7 +107,7 @@ def create_server(
     max_chunk_bytes: int = MAX_CHUNK,
     verify_on_start: bool = True,
     registry: Registry | None = None,
-) -> tuple[grpc.Server, int]:
+) -> tuple[RegistryServer, int]:
     """Return ``(server, port)``, not yet started; ``server.registry`` is the :class:`Registry`.
 
     Raises ValueError for inconsistent options (TLS half-configured, reads
@@ -70,33 +122,45 @@ def create_server(
     # Accept a chunk at the limit plus framing; bigger messages are refused by gRPC
     # itself (RESOURCE_EXHAUSTED), smaller-but-too-big ones by the handler with a clear message.
     max_message = max(4 << 20, max_chunk_bytes + (64 << 10))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="registry"),
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", max_message),
-            ("grpc.max_send_message_length", max_message),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    add_to_server(RegistryServicer(registry), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in (SERVICE_NAME, ""):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    wrapper = RegistryServer(max_workers)
     address = f"{host}:{port}"
+
+    async def build() -> int:
+        # grpc.aio objects belong to the loop they are created on: build them there.
+        server = grpc.aio.server(
+            migration_thread_pool=wrapper.pool,
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        wrapper.server = server
+        servicer = RegistryServicer(registry, wrapper.pool)
+        add_to_server(servicer, server)
+        wrapper.hub = servicer.hub
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        wrapper.health = health_servicer
+        enable_reflection((SERVICE_NAME, HEALTH_SERVICE), server)
+        try:
+            if tls_cert is not None:
+                return server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
+            return server.add_insecure_port(address)
+        except RuntimeError:
+            return 0
+
     try:
-        if tls_cert is not None:
-            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
-        else:
-            bound = server.add_insecure_port(address)
-    except RuntimeError:
-        bound = 0
+        bound = wrapper.call(build())
+    except BaseException:
+        wrapper.stop(None)
+        registry.store.close()
+        raise
     if not bound:
+        wrapper.stop(None)
         registry.store.close()
         raise RuntimeError(f"could not bind {address}")
     # Lock and recover only once the port is ours: a server started by mistake on
@@ -109,18 +173,17 @@ def create_server(
     except BaseException:
         lock.release()
         registry.store.close()
-        server.stop(None)
+        wrapper.stop(None)
         raise
-    server.registry = registry
-    server.data_lock = lock
-    server.health = health_servicer
-    return server, bound
+    wrapper.registry = registry
+    wrapper.data_lock = lock
+    return wrapper, bound
 
 
-def shutdown(server: grpc.Server, grace: float = 5.0) -> None:
+def shutdown(server: RegistryServer, grace: float = 5.0) -> None:
     """Graceful stop: NOT_SERVING, end watches, finish in-flight calls within ``grace`` seconds."""
-    server.health.enter_graceful_shutdown()
-    server.registry.close()
+    server.call(server.health.enter_graceful_shutdown())
+    server.registry.close()  # the watch hub ends every watch with UNAVAILABLE
     server.stop(grace).wait()
     server.registry.store.close()
     server.data_lock.release()

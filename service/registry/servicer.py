@@ -1,4 +1,9 @@
-"""Thin gRPC servicer: converts protos to plain values, delegates to :class:`Registry`.
+"""Thin asyncio gRPC servicer: converts protos to plain values, delegates to :class:`Registry`.
+
+Every RPC is a coroutine on the server's event loop. Blocking work (database,
+disk, hashing, proto conversion) runs in the server's thread pool, one hop per
+call or per chunk; a ``WatchAlias`` stream holds no thread at all while it
+waits (:class:`~service.registry.watch.WatchHub`).
 
 The one error→status table lives here (:data:`STATUS_BY_ERROR`). Domain
 errors keep their message; anything else becomes ``INTERNAL`` with a generic
@@ -6,9 +11,10 @@ message (the traceback goes to the server log, never to the client).
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-import threading
+from concurrent import futures
 
 import grpc
 from google.protobuf import json_format
@@ -20,6 +26,7 @@ from mnemosyne_core.registry_client.wire import encode_chunk, serialize_response
 from . import errors
 from .handlers import PublishSpec, Registry
 from .storage import AliasRecord, LRUCache, OptimizerRecord, VersionRecord
+from .watch import WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +50,35 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal registry error (details are in the server log)"
 
 
-def _report(exc: Exception, context: grpc.ServicerContext) -> None:
-    if not isinstance(exc, errors.RegistryError) and context.is_active():
-        log.exception("registry: unexpected error")
+async def _report(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    if not isinstance(exc, errors.RegistryError):
+        log.error("registry: unexpected error", exc_info=exc)
     code, message = status_for(exc)
-    context.abort(code, message)
+    await context.abort(code, message)
 
 
 def _unary(method):
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:  # noqa: BLE001 - mapped by the table
-            _report(exc, context)
+            await _report(exc, context)
     return wrapper
 
 
 def _streaming(method):
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
-            yield from method(self, request, context)
+            async for response in method(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:  # noqa: BLE001 - mapped by the table
-            _report(exc, context)
+            await _report(exc, context)
     return wrapper
 
 
@@ -112,77 +124,103 @@ def _ref(ref: pb.VersionRef) -> dict:
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    """``mnemosyne.registry.v1.RegistryService`` on top of a :class:`Registry`."""
+    """``mnemosyne.registry.v1.RegistryService`` on top of a :class:`Registry`.
 
-    def __init__(self, registry: Registry):
+    Construct it on the server's running event loop (it starts the watch hub there).
+    """
+
+    def __init__(self, registry: Registry, pool: futures.ThreadPoolExecutor):
         self.registry = registry
+        self._pool = pool
+        self._loop = asyncio.get_running_loop()
+        self.hub = WatchHub(registry, self._run, poll_s=registry.watch_poll_s)
+        self.hub.start()
+
+    async def _run(self, fn, *args, **kwargs):
+        return await self._loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     @_unary
-    def Publish(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("payload") != "header":
-            raise errors.InvalidArgument("the first Publish message must carry the header")
-        h = first.header
-        spec = PublishSpec(h.name, metadata_to_dict(h.metadata), h.size, h.sha256)
+    async def Publish(self, request_iterator, context):
+        # The blocking publish runs in the pool and pulls each message off the stream
+        # through the loop; if it fails early (random bytes), the rest is never read.
+        loop = self._loop
 
-        def chunks():
-            for request in request_iterator:
-                if request.WhichOneof("payload") != "chunk":
-                    raise errors.InvalidArgument("only the first Publish message may carry a header")
-                yield request.chunk
+        def read():
+            message = asyncio.run_coroutine_threadsafe(context.read(), loop).result()
+            return None if message is grpc.aio.EOF else message
 
-        return pb.PublishResponse(version=version_to_proto(self.registry.publish(spec, chunks())))
+        def publish():
+            first = read()
+            if first is None or first.WhichOneof("payload") != "header":
+                raise errors.InvalidArgument("the first Publish message must carry the header")
+            h = first.header
+            spec = PublishSpec(h.name, metadata_to_dict(h.metadata), h.size, h.sha256)
+
+            def chunks():
+                while (request := read()) is not None:
+                    if request.WhichOneof("payload") != "chunk":
+                        raise errors.InvalidArgument("only the first Publish message may carry a header")
+                    yield request.chunk
+
+            return pb.PublishResponse(version=version_to_proto(self.registry.publish(spec, chunks())))
+
+        return await self._run(publish)
 
     @_unary
-    def GetVersion(self, request, context):
-        return version_to_proto(self.registry.get_version(**_ref(request.ref)))
+    async def GetVersion(self, request, context):
+        return await self._run(lambda: version_to_proto(self.registry.get_version(**_ref(request.ref))))
 
     @_unary
-    def ListOptimizers(self, request, context):
-        rows, token = self.registry.list_optimizers(request.page_size, request.page_token, request.name_prefix)
-        return pb.ListOptimizersResponse(optimizers=[optimizer_to_proto(o) for o in rows], next_page_token=token)
+    async def ListOptimizers(self, request, context):
+        def run():
+            rows, token = self.registry.list_optimizers(request.page_size, request.page_token, request.name_prefix)
+            return pb.ListOptimizersResponse(optimizers=[optimizer_to_proto(o) for o in rows], next_page_token=token)
+        return await self._run(run)
 
     @_unary
-    def ListVersions(self, request, context):
-        rows, token = self.registry.list_versions(request.name, request.page_size, request.page_token)
-        return pb.ListVersionsResponse(versions=[version_to_proto(v) for v in rows], next_page_token=token)
+    async def ListVersions(self, request, context):
+        def run():
+            rows, token = self.registry.list_versions(request.name, request.page_size, request.page_token)
+            return pb.ListVersionsResponse(versions=[version_to_proto(v) for v in rows], next_page_token=token)
+        return await self._run(run)
 
     @_streaming
-    def Fetch(self, request, context):
-        version, chunks = self.registry.open_fetch(
-            **_ref(request.ref), offset=request.offset, chunk_size=request.chunk_size
-        )
-        yield pb.FetchResponse(version=version_to_proto(version))
-        for chunk in chunks:
-            yield encode_chunk(chunk)  # pre-encoded FetchResponse: one copy instead of three
+    async def Fetch(self, request, context):
+        version, chunks = await self._run(
+            self.registry.open_fetch, **_ref(request.ref), offset=request.offset, chunk_size=request.chunk_size)
+        pending = None
+        try:
+            yield pb.FetchResponse(version=version_to_proto(version))
+            # Read the next chunk from disk while this one is being sent.
+            pending = asyncio.ensure_future(self._run(next, chunks, None))
+            while (chunk := await pending) is not None:
+                pending = asyncio.ensure_future(self._run(next, chunks, None))
+                yield encode_chunk(chunk)  # pre-encoded FetchResponse: one copy instead of three
+        finally:
+            if pending is not None and not pending.done():
+                await asyncio.wait([pending])  # never close the file under a running read
+            await self._run(chunks.close)
 
     @_unary
-    def SetAlias(self, request, context):
-        a = self.registry.set_alias(request.name, request.alias, request.version)
+    async def SetAlias(self, request, context):
+        a = await self._run(self.registry.set_alias, request.name, request.alias, request.version)
         return pb.Alias(name=a.name, alias=a.alias, version=a.version, updated_unix_ms=a.updated_ms)
 
     @_unary
-    def DeleteAlias(self, request, context):
-        self.registry.delete_alias(request.name, request.alias)
+    async def DeleteAlias(self, request, context):
+        await self._run(self.registry.delete_alias, request.name, request.alias)
         return pb.DeleteAliasResponse()
 
     @_streaming
-    def WatchAlias(self, request, context):
-        stop = threading.Event()
-
-        def on_done():
-            stop.set()
-            self.registry.wake_watchers()
-
-        context.add_callback(on_done)
-        for event in self.registry.watch(request.name, request.alias, stop):
+    async def WatchAlias(self, request, context):
+        async for event in self.hub.watch(request.name, request.alias, request.after_sequence):
             yield alias_event_to_proto(event)
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RegistryService"]
 
 
-def add_to_server(servicer: RegistryServicer, server: grpc.Server) -> None:
+def add_to_server(servicer: RegistryServicer, server: grpc.aio.Server) -> None:
     """Register the servicer like the generated ``add_RegistryServiceServicer_to_server``,
     but with a response serializer that passes pre-encoded messages (Fetch chunks) through."""
     factories = {
