@@ -20,8 +20,11 @@ import sys
 import threading
 from pathlib import Path
 
+import jax
 import pytest
 
+from mnemosyne_core import checkpoint
+from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta
 from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
 
 pytestmark = pytest.mark.xdist_group("registry")
@@ -30,6 +33,7 @@ NODE_DIR = ROOT / "clients" / "node"
 SCRIPT = NODE_DIR / "registry_client.mjs"
 TOKEN = "node-test-token"
 MIB = 1 << 20
+OPAQUE = {"compatibility": {"format": "opaque"}}  # test bytes, not checkpoints
 
 
 def _unavailable(reason: str):
@@ -127,8 +131,11 @@ def json_lines(done: subprocess.CompletedProcess) -> list[dict]:
 
 
 def test_demo_publishes_what_python_fetches(node, server, python_client, tmp_path):
-    data = os.urandom(2 * MIB + 12345)  # three Publish chunks, three Fetch chunks
-    artifact = tmp_path / "artifact.bin"
+    # A real checkpoint: the server checks it and fills its compatibility record from its header.
+    config = MnemosyneConfig()
+    data = checkpoint.to_bytes(init_theta(jax.random.key(0), config), config)
+    header, _ = checkpoint.read_header(data)
+    artifact = tmp_path / "artifact.msgpack"
     artifact.write_bytes(data)
     [summary] = json_lines(run_node(node, server, "demo", "--file", str(artifact), "--name", "node-demo"))
     digest = hashlib.sha256(data).hexdigest()
@@ -138,6 +145,9 @@ def test_demo_publishes_what_python_fetches(node, server, python_client, tmp_pat
     version = python_client.get_version("node-demo", number)
     assert version.sha256 == digest and version.size == len(data)
     assert dict(version.metadata.tags) == {"client": "node"}
+    compat = version.metadata.compatibility
+    assert compat.format == "mnemosyne-checkpoint" and compat.theta_fingerprint == header["theta_fingerprint"]
+    assert json.loads(compat.architecture_spec_json) == header["architecture"]
     # The alias Node set is Python's too.
     fetched_version, fetched = python_client.fetch("node-demo", "best")
     assert fetched_version.number == number and bytes(fetched) == data
@@ -151,7 +161,7 @@ def test_demo_publishes_what_python_fetches(node, server, python_client, tmp_pat
 
 def test_node_alias_and_list_match_python(node, server, python_client):
     for i in range(2):
-        python_client.publish(f"aliased by node {i}".encode(), "node-alias")
+        python_client.publish(f"aliased by node {i}".encode(), "node-alias", OPAQUE)
     [alias] = json_lines(run_node(node, server, "alias", "--name", "node-alias", "--alias", "production",
                                   "--version", "1"))
     assert (alias["alias"], alias["version"]) == ("production", "1")
@@ -166,8 +176,8 @@ def test_node_alias_and_list_match_python(node, server, python_client):
 
 def test_node_resumes_a_fetch_from_an_offset(node, server, python_client, tmp_path):
     first, second = os.urandom(3 * MIB + 777), os.urandom(5000)
-    python_client.publish(first, "node-resume")
-    python_client.publish(second, "node-resume")  # `latest` is 2; `best` stays on 1
+    python_client.publish(first, "node-resume", OPAQUE)
+    python_client.publish(second, "node-resume", OPAQUE)  # `latest` is 2; `best` stays on 1
     python_client.set_alias("node-resume", "best", 1)
     part = tmp_path / "part.bin"
     for offset in (1, 70_000, MIB + 3, len(first) - 1, len(first)):
@@ -190,7 +200,7 @@ def test_node_resumes_a_fetch_from_an_offset(node, server, python_client, tmp_pa
 
 def test_node_watch_sees_moves_made_by_python(node, server, python_client):
     for i in range(3):
-        python_client.publish(f"watched {i}".encode(), "node-watch")
+        python_client.publish(f"watched {i}".encode(), "node-watch", OPAQUE)
     python_client.set_alias("node-watch", "production", 1)
     proc = subprocess.Popen(
         [node, str(SCRIPT), "--target", server, "watch", "--name", "node-watch", "--alias", "production",
@@ -218,13 +228,14 @@ def test_node_errors_are_one_line_with_the_status_name(node, server, python_clie
     artifact = tmp_path / "denied.bin"
     artifact.write_bytes(os.urandom(3 * MIB))
     for token in ("wrong-token", None):
-        done = run_node(node, server, "publish", "--file", str(artifact), "--name", "node-denied", token=token)
+        done = run_node(node, server, "publish", "--file", str(artifact), "--name", "node-denied",
+                        "--metadata", json.dumps(OPAQUE), token=token)
         assert done.returncode == 1 and done.stdout == ""
         assert done.stderr.startswith("grpc error: UNAUTHENTICATED: ") and done.stderr.count("\n") == 1
     with pytest.raises(RegistryClientError) as info:
         python_client.get_version("node-denied")
     assert info.value.code == "NOT_FOUND"  # nothing was published
-    python_client.publish(b"one version", "node-errors")
+    python_client.publish(b"one version", "node-errors", OPAQUE)
     cases = [
         (("alias", "--name", "node-errors", "--alias", "best", "--version", "1"), "wrong-token", "UNAUTHENTICATED"),
         (("fetch", "--name", "no-such-optimizer", "--out", str(tmp_path / "x")), TOKEN, "NOT_FOUND"),
