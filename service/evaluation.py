@@ -443,6 +443,30 @@ def _ratio_stats(per_task: list[float], per_seed: list[float]) -> dict[str, Any]
             "diverged": sum(x == math.inf for x in per_task)}
 
 
+def _clear(rows: list[dict], name: str, ref: Callable[[dict], str | None], z: float = 2.0) -> dict[str, int]:
+    """Tasks where ``name`` is lower / higher than ``ref`` beyond noise, and the rest.
+
+    Per task, the paired per-seed log ratios log(F_name / F_ref) (same seeds): ``better`` when
+    their mean is below −z standard errors, ``worse`` above +z, otherwise ``noise``. A task
+    with one seed, or a diverged seed, is ``noise`` unless only one side diverged.
+    """
+    out = {"better": 0, "worse": 0, "noise": 0}
+    for r in rows:
+        other = ref(r)
+        if other is None or name not in r["final_train_loss_seeds"] or other not in r["final_train_loss_seeds"]:
+            continue
+        logs = [_log(a, b) for a, b in zip(r["final_train_loss_seeds"][name], r["final_train_loss_seeds"][other])]
+        if logs and all(x == math.inf for x in logs) or logs and all(x == -math.inf for x in logs):
+            out["worse" if logs[0] > 0 else "better"] += 1
+            continue
+        if len(logs) < 2 or not all(map(math.isfinite, logs)):
+            out["noise"] += 1
+            continue
+        mean, se = float(np.mean(logs)), float(np.std(logs, ddof=1) / math.sqrt(len(logs)))
+        out["better" if mean < -z * se else "worse" if mean > z * se else "noise"] += 1
+    return out
+
+
 def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Per learned column and horizon: wins and geometric-mean loss ratios (JSON-able dicts).
 
@@ -450,7 +474,9 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     ≤ cosine-best's, ≤ Adam(1e-3)'s and < its fresh θ's (same mode). ``vs_cos`` / ``vs_fresh``:
     the geometric mean over tasks of the final-loss ratio (< 1: the column is lower), with the
     standard error of the mean log ratio over tasks (``se_tasks``) and over (task, seed) pairs of
-    paired per-seed values (``se_task_seeds``).
+    paired per-seed values (``se_task_seeds``). ``clear_vs_*`` (:func:`_clear`) says on how many
+    tasks each comparison is decided beyond two standard errors of the paired seed differences,
+    so a count that a reseed could flip is visible as such.
     """
     tasks = results["tasks"]
     out: list[dict[str, Any]] = []
@@ -476,10 +502,13 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
                          "wins_vs_adam_best": wins(lambda r: r.get("adam_best")),
                          "wins_vs_adam_cos_best": wins(lambda r: r.get("adam_cos_best")),
                          "wins_vs_adam_1e-3": wins(lambda r: "adam(1.0e-03)"),
-                         "vs_cos": _ratio_stats(*_log_ratios(rows, col, lambda r: r.get("adam_cos_best")))}
+                         "vs_cos": _ratio_stats(*_log_ratios(rows, col, lambda r: r.get("adam_cos_best"))),
+                         "clear_vs_adam_best": _clear(rows, col, lambda r: r.get("adam_best")),
+                         "clear_vs_adam_cos_best": _clear(rows, col, lambda r: r.get("adam_cos_best"))}
                 if fresh is not None:
                     entry["wins_vs_fresh"] = wins(lambda r, f=fresh: f, strict=True)
                     entry["vs_fresh"] = _ratio_stats(*_log_ratios(rows, col, lambda r, f=fresh: f))
+                    entry["clear_vs_fresh"] = _clear(rows, col, lambda r, f=fresh: f)
                 out.append(entry)
     return out
 
@@ -508,6 +537,12 @@ def format_summary(summary: Sequence[dict[str, Any]]) -> list[str]:
         if "vs_fresh" in e:
             text += f"; ÷ fresh θ {_ratio_text(e['vs_fresh'])}"
         lines.append(text)
+        if "clear_vs_adam_best" in e:
+            parts = [(what, e[key]) for what, key in (("Adam-best", "clear_vs_adam_best"),
+                                                      ("cosine-best", "clear_vs_adam_cos_best"),
+                                                      ("fresh θ", "clear_vs_fresh")) if key in e]
+            lines.append("    beyond 2 s.e. of the paired seeds: " + "; ".join(
+                f"vs {what} {c['better']} lower, {c['worse']} higher, {c['noise']} within noise" for what, c in parts))
     return lines
 
 

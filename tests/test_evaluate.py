@@ -187,8 +187,14 @@ def test_summary_is_computed_from_the_per_task_values():
     seed_logs = np.log([0.25, 0.75, 2.0, 2.0])
     assert e["vs_fresh"]["se_task_seeds"] == pytest.approx(np.std(seed_logs, ddof=1) / 2.0)
     assert e["vs_cos"]["geomean"] == pytest.approx(math.sqrt(2.0 * 0.25))
-    line = evaluation.format_summary([e])[0]
+    line, clear = evaluation.format_summary([e])
     assert line.startswith("L @ 1x: ≤ Adam-best on 2/2, ≤ cosine-best on 1/2") and "< fresh θ on 1/2" in line
+    # Beyond noise: t0's seeds vs Adam-best are log(1/2), log(3/2) (mean -0.144, s.e. 0.549: noise);
+    # t1's are log(0.5) twice (s.e. 0: lower). vs fresh: t0 log(1/4), log(3/4): noise; t1 log 2 twice: higher.
+    assert e["clear_vs_adam_best"] == {"better": 1, "worse": 0, "noise": 1}
+    assert e["clear_vs_fresh"] == {"better": 0, "worse": 1, "noise": 1}
+    assert e["clear_vs_adam_cos_best"] == {"better": 1, "worse": 0, "noise": 1}
+    assert "vs fresh θ 0 lower, 1 higher, 1 within noise" in clear
 
 
 def test_learned_modes_follow_the_config():
