@@ -209,6 +209,7 @@ class Ledger:
         self.bytes_published = 0
         self.bytes_fetched = 0
         self.ops_per_life: collections.Counter = collections.Counter()
+        self.latency: dict[str, list[float]] = collections.defaultdict(list)  # op -> seconds of successful calls
 
     def violation(self, kind: str, detail: str) -> None:
         with self.lock:
@@ -389,6 +390,7 @@ class Soak:
                     acc += frac
                     if r < acc:
                         break
+                t_op = time.perf_counter()
                 try:
                     fn(client, rng)
                 except RegistryClientError as exc:
@@ -397,6 +399,7 @@ class Soak:
                     with self.ledger.lock:
                         self.ledger.ops[op] += 1
                         self.ledger.ops_per_life[epoch] += 1
+                        self.ledger.latency[op].append(time.perf_counter() - t_op)
                 self.stop.wait(a.think_ms / 1000)
         finally:
             if client is not None:
@@ -492,12 +495,7 @@ class Soak:
             t.start()
         for t in threads:
             t.join()
-        times.sort()
-        out = {"calls": len(times), "failed": dict(failed)}
-        if times:
-            out.update(p50_ms=round(1000 * times[len(times) // 2], 3),
-                       p99_ms=round(1000 * times[min(len(times) - 1, int(0.99 * len(times)))], 3))
-        return out
+        return {"calls": len(times), "failed": dict(failed), **percentiles(times)}
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> dict:
@@ -596,6 +594,7 @@ class Soak:
             "restart_s": {"median": round(sorted(self.restart_s)[len(self.restart_s) // 2], 2) if self.restart_s else None,
                           "max": round(max(self.restart_s), 2) if self.restart_s else None},
             "ops": dict(led.ops),
+            "chaos_latency_ms": {op: percentiles(times) for op, times in sorted(led.latency.items())},
             "ops_per_server_life": {"min": min(per_life, default=0), "max": max(per_life, default=0)},
             "mb_published": round(led.bytes_published / 1e6, 1),
             "mb_fetched": round(led.bytes_fetched / 1e6, 1),
@@ -661,6 +660,18 @@ class Soak:
             "p99_ratio": {"value": ratio, "max": a.max_p99_ratio, "met": ratio is not None and ratio <= a.max_p99_ratio},
             "thread_growth": {"value": growth, "max": a.max_thread_growth, "met": growth <= a.max_thread_growth},
         }
+
+
+def percentiles(times: list[float]) -> dict:
+    """p50/p99/max in milliseconds of ``times`` (seconds); empty if there are none."""
+    times = sorted(times)
+    if not times:
+        return {}
+
+    def at(q: float) -> float:
+        return round(1000 * times[min(len(times) - 1, int(q * len(times)))], 3)
+
+    return {"p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": round(1000 * times[-1], 3)}
 
 
 def blob_digests(data: Path) -> set[str]:
@@ -935,6 +946,9 @@ def summary(result: dict) -> str:
         (f"  restart: median {result['restart_s']['median']} s, max {result['restart_s']['max']} s; "
          f"ops per server life: {result['ops_per_server_life']['min']}..{result['ops_per_server_life']['max']}"),
         f"  ops: {result['ops']}; {result['mb_published']} MB published, {result['mb_fetched']} MB fetched",
+        "  latency during the chaos (successful calls, ms): " + ", ".join(
+            f"{op} p50 {t.get('p50_ms')} p99 {t.get('p99_ms')} max {t.get('max_ms')}"
+            for op, t in result["chaos_latency_ms"].items()),
         f"  failed because of a kill (expected): {result['failed_during_kills']}",
         (f"  versions: {result['versions']['total']} ({result['versions']['per_name']}), "
          f"{result['versions']['acked']} acked, {result['versions']['seen']} seen, "
