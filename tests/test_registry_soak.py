@@ -106,9 +106,12 @@ def test_watch_resumed_after_sequence_starts_right_after_it(tmp_path):
 
             resumed = stub.WatchAlias(pb.WatchAliasRequest(name="resume", alias="prod", after_sequence=s0),
                                       timeout=30)
-            got = [next(resumed), next(resumed)]
-            resumed.cancel()
-            assert [(e.sequence, e.version) for e in got] == [(m.sequence, m.version) for m in moves]
+            try:
+                for move in moves:  # checked one by one: a server that skips fails at once, not at the deadline
+                    event = next(resumed)
+                    assert (event.sequence, event.version) == (move.sequence, move.version)
+            finally:
+                resumed.cancel()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
