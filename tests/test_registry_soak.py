@@ -24,10 +24,6 @@ from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
 pytestmark = [pytest.mark.xdist_group("registry"), pytest.mark.soak]
 ROOT = Path(__file__).resolve().parent.parent
 OPAQUE = {"compatibility": {"format": "opaque"}}
-# Violations a server that ignores WatchAliasRequest.after_sequence causes:
-# a resumed stream starts with the current target again (a duplicate) and
-# skips the moves made while it reconnected.
-RESUME_KINDS = {"watch_duplicate", "watch_missed"}
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +60,8 @@ def test_soak_short_form_keeps_its_invariants(soak):
     # Watchers: all connected and caught up; nothing out of order or foreign.
     assert r["watchers_connected_before_chaos"]["connected"] == r["config"]["watchers"], report
     assert r["watch"]["caught_up"] == r["config"]["watchers"], report
-    resume_excused = set() if r["server_resumes_watches"] else RESUME_KINDS
-    hard = {kind: n for kind, n in r["violations"].items() if kind not in resume_excused}
-    assert hard == {}, report
-    if r["violations"]:
-        assert proc.returncode == 1, report
-        pytest.xfail(f"the server ignores WatchAliasRequest.after_sequence: {r['violations']} "
-                     "(see test_watch_resumed_after_sequence_starts_right_after_it)")
+    # Every resumed watch (after_sequence) continued right after its last event.
+    assert r["server_resumes_watches"] and r["violations"] == {}, report
     assert r["ok"] and proc.returncode in (0, 2), report  # 2: only a timing target missed
 
 
@@ -84,9 +75,6 @@ def _serve(data: Path) -> tuple[subprocess.Popen, int]:
     return proc, int(match.group(1))
 
 
-@pytest.mark.xfail(strict=True, reason="servicer.WatchAlias calls registry.watch(name, alias, stop) without "
-                                       "request.after_sequence, so a resumed watch starts over from the current "
-                                       "target; remove this mark once the server honours after_sequence")
 def test_watch_resumed_after_sequence_starts_right_after_it(tmp_path):
     """The proto: with after_sequence, every event after it, in order, and no snapshot first."""
     proc, port = _serve(tmp_path / "data")

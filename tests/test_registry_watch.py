@@ -88,8 +88,9 @@ def test_500_watchers_cost_no_thread_and_each_sees_every_move_in_order(served):
         return before, opened, firsts, seen
 
     before, opened, firsts, seen = asyncio.run(scenario())
-    # 500 open streams: the server (in this process) holds no extra thread for them.
-    assert opened - before <= 2, (before, opened)
+    # 500 open streams: the server (in this process) holds no thread for them (a few may come
+    # and go in gRPC's own machinery; a thread per watch would be +500).
+    assert opened - before <= 8, (before, opened)
     expected = [(2, False), (3, False), (4, False), (0, True), (2, False)]
     for first, events in zip(firsts, seen):
         assert [(e.version, e.deleted) for e in events] == expected

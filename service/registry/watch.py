@@ -51,6 +51,8 @@ class WatchHub:
         max_backlog: events queued for one watcher before it is cut off as too slow.
     """
 
+    START_CONCURRENCY = 4
+
     def __init__(self, registry: Registry, run_blocking: Callable[..., Any], *, poll_s: float = 1.0,
                  max_backlog: int = 10_000):
         self.registry = registry
@@ -62,12 +64,16 @@ class WatchHub:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._starting: asyncio.Semaphore | None = None
 
     # -- lifecycle (on the loop) -------------------------------------------------
     def start(self) -> None:
         """Start the fan-out task; call from a coroutine on the server's loop."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        # A burst of new watches (a fleet reconnecting) reads the database a few at a time:
+        # it neither stampedes the database nor grows the thread pool.
+        self._starting = asyncio.Semaphore(self.START_CONCURRENCY)
         self._task = self._loop.create_task(self._fan_out(), name="registry-watch-hub")
         self.registry.subscribe(self.notify, self.close)
 
@@ -99,7 +105,8 @@ class WatchHub:
         if self._closed or self.registry.closed:
             raise Unavailable("registry server is shutting down; watch again on another instance or after "
                               "its restart")
-        first, last = await self._run(self.registry.watch_start, name, alias, after_sequence)
+        async with self._starting:
+            first, last = await self._run(self.registry.watch_start, name, alias, after_sequence)
         # Registered before the first event goes out: once a client holds it, moves reach it.
         watcher = _Watcher((name, alias), last, asyncio.Queue(), last)
         self._watchers[watcher.key].add(watcher)
@@ -134,7 +141,10 @@ class WatchHub:
             self._wake.clear()
             if not self._watchers:
                 continue
-            cursors = {key: min(w.last for w in ws) for key, ws in self._watchers.items()}
+            # Deliver only to the watchers the query's cursors were computed from: one that
+            # registers while it runs may be behind them, and gets its events next round.
+            snapshot = {key: list(ws) for key, ws in self._watchers.items()}
+            cursors = {key: min(w.last for w in ws) for key, ws in snapshot.items()}
             try:
                 events = await self._run(self.registry.store.alias_events_since, cursors)
             except asyncio.CancelledError:
@@ -145,8 +155,9 @@ class WatchHub:
                 self._wake.set()
                 continue
             for event in events:
-                for w in list(self._watchers.get((event.name, event.alias), ())):
-                    if event.sequence <= w.last:
+                current = self._watchers.get((event.name, event.alias), ())
+                for w in snapshot.get((event.name, event.alias), ()):
+                    if w not in current or event.sequence <= w.last:
                         continue
                     if w.queue.qsize() >= self.max_backlog:
                         self._cut_off(w)
