@@ -8,6 +8,7 @@ moves; a resume older than the trimmed history is OUT_OF_RANGE; ``registry watch
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
@@ -185,3 +186,57 @@ def test_cli_watch_follow_resumes_across_a_server_restart(tmp_path):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_watcher_registering_during_a_fan_out_query_misses_nothing(tmp_path):
+    # The soak's regression: the hub's query ran with cursors of the watchers it had; one that
+    # registered meanwhile, further behind, was handed the newer events and skipped the gap.
+    from service.registry.handlers import PublishSpec
+    from service.registry.watch import WatchHub
+
+    registry = Registry(tmp_path / "hub", watch_poll_s=30.0)
+    data = b"hub bytes"
+    registry.publish(PublishSpec("h", OPAQUE, len(data), hashlib.sha256(data).hexdigest()), [data])
+    seqs = [registry.set_alias("h", "prod", 1).sequence for _ in range(6)]
+
+    async def scenario():
+        gate, queried = asyncio.Event(), asyncio.Event()
+        gated = {"on": False}
+
+        async def run_blocking(fn, *args, **kwargs):
+            if fn == registry.store.alias_events_since and gated["on"]:
+                queried.set()
+                await gate.wait()  # the query is "in flight" while B registers
+            return fn(*args, **kwargs)
+
+        hub = WatchHub(registry, run_blocking, poll_s=30.0)
+        hub.start()
+        ahead = hub.watch("h", "prod", after_sequence=seqs[4])  # A: only seqs[5] is new to it
+        got_a = [await ahead.__anext__()]
+        gated["on"] = True
+        later = registry.set_alias("h", "prod", 1).sequence
+        hub.notify()
+        await queried.wait()  # the fan-out query runs with A's cursor (seqs[5]...)
+        behind = hub.watch("h", "prod", after_sequence=seqs[1])  # B registers, far behind
+        first_b = asyncio.ensure_future(behind.__anext__())
+        await asyncio.sleep(0.05)
+        gated["on"] = False
+        gate.set()
+        async def five():
+            return [await first_b] + [await behind.__anext__() for _ in range(4)]
+
+        try:  # a skipped gap would leave B waiting for events that never come
+            got_b = await asyncio.wait_for(five(), 10)
+        except TimeoutError:
+            got_b = []
+        got_a.append(await ahead.__anext__())
+        registry.close()
+        await asyncio.sleep(0.05)
+        return [e.sequence for e in got_a], [e.sequence for e in got_b], later
+
+    try:
+        got_a, got_b, later = asyncio.run(scenario())
+    finally:
+        registry.store.close()
+    assert got_a == [seqs[5], later]
+    assert got_b == [seqs[2], seqs[3], seqs[4], seqs[5], later]  # nothing between seqs[1] and later skipped
