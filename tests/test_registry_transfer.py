@@ -60,7 +60,7 @@ def test_a_broken_stream_resumes_from_the_last_byte_pinned_to_the_version_number
     calls = []
     version, data = fetch_verified(_stream(fail_after={0: 2, 1: 1}, calls=calls), "opt", "latest")
     assert calls == [("latest", 0), (4, 2 * CHUNK), (4, 3 * CHUNK)]
-    assert bytes(data) == DATA
+    assert version.number == 4 and bytes(data) == DATA
 
 
 def test_retries_run_out():
@@ -147,3 +147,83 @@ def test_blob_chunks_release_the_file_when_done(tmp_path):
     if fds is not None:
         assert len(os.listdir("/proc/self/fd")) == fds
     store.path(digest).unlink()  # a blob being served can be collected
+
+
+# -- against a real server: the fetch channel's stream lifecycle ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    from mnemosyne_core.registry_client import RegistryClient
+    from service.registry.server import create_server, shutdown
+
+    srv, port = create_server(tmp_path_factory.mktemp("transfer-registry"), port=0)
+    srv.start()
+    with RegistryClient(f"grpc://127.0.0.1:{port}") as c:
+        c.publish(DATA * 8, "big")  # ~2.6 MB: several 1 MiB messages
+    yield f"grpc://127.0.0.1:{port}"
+    shutdown(srv, grace=1)
+
+
+@pytest.fixture
+def client(target):
+    from mnemosyne_core.registry_client import RegistryClient
+
+    with RegistryClient(target) as c:
+        yield c
+
+
+def test_fetch_asks_for_the_chunk_size(client, monkeypatch):
+    real_stream, sizes = client.stream, []
+
+    def recording_stream(name, ref=None, offset=0, chunk_size=0):
+        version, chunks = real_stream(name, ref, offset, chunk_size)
+
+        def recorded():
+            for chunk in chunks:
+                sizes.append(len(chunk))
+                yield chunk
+
+        return version, recorded()
+
+    monkeypatch.setattr(client, "stream", recording_stream)
+    _, data = client.fetch("big", 1, chunk_size=100_000)
+    assert bytes(data) == DATA * 8
+    assert set(sizes[:-1]) == {100_000}
+
+
+def test_a_stream_closed_from_another_thread_ends_its_reader(client):
+    import threading
+
+    for _ in range(20):
+        _, chunks = client.stream("big", 1)
+        first = next(chunks)
+        outcome = []
+
+        def read(chunks=chunks, first=first, outcome=outcome):
+            try:
+                outcome.append(len(first) + sum(len(x) for x in chunks))
+            except RegistryClientError as exc:
+                outcome.append(exc.code)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        chunks.close()
+        reader.join()
+        assert outcome in ([len(DATA) * 8], ["CANCELLED"])  # it had finished, or it was cancelled
+    assert bytes(client.fetch("big", 1)[1]) == DATA * 8  # the channel still works
+
+
+def test_abandoned_and_cancelled_streams_leave_the_client_usable(client):
+    for _ in range(50):
+        _, chunks = client.stream("big", 1)
+        next(chunks)
+        del chunks  # abandoned: __del__ cancels and takes the call's last events
+        _, chunks = client.stream("big", 1)
+        next(chunks)
+        chunks.close()
+        chunks.close()  # idempotent
+        with pytest.raises(RegistryClientError) as info:
+            next(chunks)
+        assert info.value.code == "CANCELLED"
+    assert bytes(client.fetch("big", 1)[1]) == DATA * 8

@@ -187,7 +187,7 @@ class RegistryClient:
         return first.version, Chunks(call)
 
     def fetch(self, name: str, ref: int | str | None = None, *, offset: int = 0, prefix: bytes = b"",
-              retries: int = 3, out: bytearray | memoryview | None = None):
+              retries: int = 3, out: bytearray | memoryview | None = None, chunk_size: int = 0):
         """Download a version; returns ``(Version, data)``, sha256-verified.
 
         ``data`` is a new writable bytes-like buffer (``bytearray``, or for large
@@ -197,11 +197,13 @@ class RegistryClient:
         fresh memory, which cost about as much as the sha256 itself.
         ``offset``/``prefix`` resume a partial download: ``prefix`` are the
         first ``offset`` bytes already held. A broken stream is resumed from the
-        last byte received, up to ``retries`` times.
+        last byte received, up to ``retries`` times. ``chunk_size`` asks the
+        server for messages of that many bytes (0: its default, the largest it allows).
         """
         if len(prefix) != offset:
             raise ValueError(f"resume needs the first {offset} bytes as prefix, got {len(prefix)}")
-        return fetch_verified(self.stream, name, ref, prefix=prefix, retries=retries, out=out)
+        stream = self.stream if not chunk_size else (lambda n, r, o: self.stream(n, r, o, chunk_size))
+        return fetch_verified(stream, name, ref, prefix=prefix, retries=retries, out=out)
 
     def download(self, name: str, ref: int | str | None, path: str | os.PathLike,
                  *, retries: int = 3) -> pb.Version:
