@@ -1,23 +1,35 @@
 #!/usr/bin/env python3
-"""Registry benchmark: fetch throughput vs a raw gRPC byte stream, GetVersion latency.
+"""Registry benchmark: verified fetch vs unverified fetch vs a raw gRPC byte stream; GetVersion latency.
 
 Two server processes run side by side (so the client's GIL is not the
 servers'): the registry (``mnemosyne registry serve``) and a bare gRPC
-service that streams the same bytes from memory in 1 MiB messages with no
-protobuf at all — the ceiling for a Python gRPC stream on this machine.
+service that streams the same number of bytes from memory, in messages of the
+registry's chunk size, with no protobuf, no file reads and no verification —
+the ceiling for a Python gRPC stream on this machine. Its client uses the
+registry client's fetch-channel options (``FETCH_CHANNEL_OPTIONS``), so both
+streams run on the same transport settings.
 
-1. Fetch: a ``--size-mb`` artifact (default 100 MB) is published, then fetched
-   ``--repeats`` times with ``RegistryClient.fetch`` (stream + sha256
-   verification into a fresh buffer, and into a reused one), streamed without
-   verification, and read from the raw stream; medians are reported in GiB/s
-   with their ratio to raw (target: >= 0.8x raw and >= 1 GiB/s), plus the
-   client's CPU seconds per GiB (less sensitive to other load on the machine).
+1. Fetch: a ``--size-mb`` artifact (default 100 MB) is published, then, in
+   ``--repeats`` interleaved rounds (so load drift hits all rows alike):
+
+   - ``raw``: the raw stream, bytes counted and dropped;
+   - ``unverified``: ``RegistryClient.stream``, chunks counted and dropped;
+   - ``verified``: ``RegistryClient.fetch`` — stream, sha256 check, bytes
+     assembled in a fresh buffer (what a caller gets by default);
+   - ``verified, reused buffer``: the same into one buffer passed as ``out=``
+     (a trainer polling for new versions).
+
+   Each row reports the mean and median GiB/s with the spread, its ratio to
+   the raw stream (median over median, and the median of the per-round ratios),
+   and the CPU seconds per GiB of the client and of the server process.
+   Targets (issue 22): verified >= 0.9x raw and >= 1 GiB/s.
 2. GetVersion under load: ``--clients`` threads (default 50), each with its own
    channel, call GetVersion ``--calls`` times; p50/p99 latency in ms.
 
 Usage::
 
-    .venv/bin/python benchmarks/registry_fetch.py [--size-mb 100] [--clients 50] [--json out.json]
+    .venv/bin/python benchmarks/registry_fetch.py [--size-mb 100] [--repeats 7] [--chunk-kib 1024]
+        [--clients 50] [--json out.json]
 """
 from __future__ import annotations
 
@@ -39,15 +51,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mnemosyne_core.registry_client import RegistryClient
+from mnemosyne_core.registry_client.client import FETCH_CHANNEL_OPTIONS
 
 RAW_METHOD = "/bench.Raw/Stream"
-CHUNK = 1 << 20
+DEFAULT_CHUNK = 1 << 20  # the registry's default (and largest) fetch chunk
+TARGET_RATIO, TARGET_GIB_S = 0.9, 1.0
+ROWS = {"raw": "raw gRPC stream", "unverified": "registry, unverified", "verified": "registry, verified (sha256)",
+        "verified_reused": "  ... into a reused buffer"}
 
 
-def raw_server_main(size: int) -> None:
-    """Child process: stream ``size`` bytes in 1 MiB messages, no serialization."""
-    payload = os.urandom(CHUNK)
-    n_full, tail = divmod(size, CHUNK)
+def raw_server_main(size: int, chunk: int) -> None:
+    """Child process: stream ``size`` bytes in ``chunk``-byte messages, no serialization."""
+    payload = os.urandom(chunk)
+    n_full, tail = divmod(size, chunk)
 
     def stream(_request, _context):
         for _ in range(n_full):
@@ -57,7 +73,8 @@ def raw_server_main(size: int) -> None:
 
     handler = grpc.method_handlers_generic_handler(
         "bench.Raw", {"Stream": grpc.unary_stream_rpc_method_handler(stream, lambda b: b, lambda b: b)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         options=[("grpc.max_send_message_length", max(4 << 20, chunk + (64 << 10)))])
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -76,39 +93,70 @@ def start(argv: list[str]) -> tuple[subprocess.Popen, int]:
     return proc, int(line.rsplit(":", 1)[1])
 
 
-def timed(fn, *args) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of ``fn(*args)``."""
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds used so far by all threads of ``pid`` (Linux schedstat, ns resolution), or None."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
+def measure(fn, server_pid: int) -> tuple[float, float, float | None]:
+    """(wall seconds, this process's CPU seconds, the server's CPU seconds) of ``fn()``."""
+    server0 = process_cpu(server_pid)
     wall, cpu = time.perf_counter(), time.process_time()
-    fn(*args)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    fn()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    server1 = process_cpu(server_pid)
+    return wall, cpu, (server1 - server0 if server0 is not None and server1 is not None else None)
 
 
-def time_raw(port: int, size: int) -> float:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 8 << 20)])
+def raw_stream(port: int, size: int) -> None:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=FETCH_CHANNEL_OPTIONS)
     call = channel.unary_stream(RAW_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    start_t = time.perf_counter()
     received = sum(len(chunk) for chunk in call(b""))
-    elapsed = time.perf_counter() - start_t
     channel.close()
     assert received == size, (received, size)
-    return elapsed
 
 
-def time_fetch(client: RegistryClient, name: str, size: int, out=None) -> float:
-    start_t = time.perf_counter()
-    _, data = client.fetch(name, 1, out=out)  # includes sha256 verification
-    elapsed = time.perf_counter() - start_t
-    assert len(data) == size
-    return elapsed
-
-
-def time_stream_only(client: RegistryClient, name: str, size: int) -> float:
-    start_t = time.perf_counter()
-    _, chunks = client.stream(name, 1)
+def unverified_stream(client: RegistryClient, name: str, size: int, chunk_size: int) -> None:
+    _, chunks = client.stream(name, 1, chunk_size=chunk_size)
     received = sum(len(c) for c in chunks)
-    elapsed = time.perf_counter() - start_t
     assert received == size
-    return elapsed
+
+
+def verified_fetch(client: RegistryClient, name: str, size: int, chunk_size: int, out=None) -> None:
+    _, data = client.fetch(name, 1, out=out, chunk_size=chunk_size)  # includes sha256 verification
+    assert len(data) == size
+
+
+def summarize(runs: dict[str, list[tuple[float, float, float | None]]], gib: float) -> dict:
+    rows = {}
+    raw_walls = [w for w, _, _ in runs["raw"]]
+    for key, samples in runs.items():
+        rates = [gib / w for w, _, _ in samples]
+        server = [s for _, _, s in samples if s is not None]
+        rows[key] = {
+            "gib_s_median": statistics.median(rates),
+            "gib_s_mean": statistics.fmean(rates),
+            "gib_s_min": min(rates),
+            "gib_s_max": max(rates),
+            "client_cpu_s_per_gib": statistics.median(c for _, c, _ in samples) / gib,
+            "server_cpu_s_per_gib": statistics.median(server) / gib if server else None,
+            # the same round's raw stream over this row's time: pairs share the machine's load
+            "paired_ratio_median": statistics.median(r / w for r, (w, _, _) in zip(raw_walls, samples)),
+        }
+    for row in rows.values():
+        row["ratio_to_raw"] = row["gib_s_median"] / rows["raw"]["gib_s_median"]
+    return rows
 
 
 def get_version_latencies(port: int, name: str, clients: int, calls: int) -> list[float]:
@@ -144,52 +192,69 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--chunk-kib", type=int, default=0,
+                        help="fetch chunk size to ask for (0: the server's default); the raw stream uses the size "
+                             "the registry actually sends")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--calls", type=int, default=100, help="GetVersion calls per client")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)  # internal: child mode
+    parser.add_argument("--raw-server", type=int, nargs=2, help=argparse.SUPPRESS)  # internal: child mode
     args = parser.parse_args()
     if args.raw_server is not None:
-        raw_server_main(args.raw_server)
+        raw_server_main(*args.raw_server)
         return 0
 
     size = args.size_mb * 1_000_000
     gib = size / (1 << 30)
+    chunk_size = args.chunk_kib << 10
     with tempfile.TemporaryDirectory() as tmp:
         registry, reg_port = start([sys.executable, "-c",
                                     "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))",
                                     "registry", "serve", "--data", tmp, "--port", "0"])
-        raw, raw_port = start([sys.executable, __file__, "--raw-server", str(size)])
+        raw = None
         try:
             with RegistryClient(f"127.0.0.1:{reg_port}", timeout=300) as client:
                 client.publish(os.urandom(size), "bench", {"compatibility": {"format": "opaque"}})
-                time_fetch(client, "bench", size)  # warm-up (page cache, connections)
-                time_raw(raw_port, size)
-                runs: dict[str, list[tuple[float, float]]] = {"raw": [], "fetch": [], "fetch_reused": [], "stream": []}
+                _, chunks = client.stream("bench", 1, chunk_size=chunk_size)
+                chunk = len(next(chunks))  # what the server sends after clamping the request
+                chunks.close()
+                raw, raw_port = start([sys.executable, __file__, "--raw-server", str(size), str(chunk)])
                 buffer = bytearray(size)  # a long-running trainer reuses one download buffer
-                for _ in range(args.repeats):  # interleaved so load drift hits all alike
-                    runs["raw"].append(timed(time_raw, raw_port, size))
-                    runs["fetch"].append(timed(time_fetch, client, "bench", size))
-                    runs["fetch_reused"].append(timed(time_fetch, client, "bench", size, buffer))
-                    runs["stream"].append(timed(time_stream_only, client, "bench", size))
+                cases = {
+                    "raw": (lambda: raw_stream(raw_port, size), raw.pid),
+                    "unverified": (lambda: unverified_stream(client, "bench", size, chunk_size), registry.pid),
+                    "verified": (lambda: verified_fetch(client, "bench", size, chunk_size), registry.pid),
+                    "verified_reused": (lambda: verified_fetch(client, "bench", size, chunk_size, buffer),
+                                        registry.pid),
+                }
+                for fn, _ in cases.values():
+                    fn()  # warm-up: page cache, connections, the reused buffer's pages
+                runs: dict[str, list] = {key: [] for key in cases}
+                for _ in range(args.repeats):  # interleaved so load drift hits all rows alike
+                    for key, (fn, pid) in cases.items():
+                        runs[key].append(measure(fn, pid))
             t0 = time.perf_counter()
             lat = get_version_latencies(reg_port, "bench", args.clients, args.calls)
             lat_wall = time.perf_counter() - t0
         finally:
             for proc in (registry, raw):
-                proc.stdin.close()
-                proc.terminate()
-                proc.wait()
-    wall = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
-    cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+                if proc is not None:
+                    proc.stdin.close()
+                    proc.terminate()
+                    proc.wait()
+    rows = summarize(runs, gib)
+    verified = rows["verified"]
     results = {
         "artifact_bytes": size,
-        "raw_gib_s": gib / wall["raw"],
-        "fetch_verified_gib_s": gib / wall["fetch"],
-        "fetch_verified_reused_buffer_gib_s": gib / wall["fetch_reused"],
-        "fetch_stream_only_gib_s": gib / wall["stream"],
-        "client_cpu_s_per_gib": {k: v / gib for k, v in cpu.items()},
+        "chunk_bytes": chunk,
+        "repeats": args.repeats,
+        "rows": rows,
+        "targets": {
+            "verified_vs_raw": TARGET_RATIO, "verified_gib_s": TARGET_GIB_S,
+            "ratio_met": verified["ratio_to_raw"] >= TARGET_RATIO,
+            "throughput_met": verified["gib_s_median"] >= TARGET_GIB_S,
+        },
         "load_average_1min": os.getloadavg()[0],
         "get_version_clients": args.clients,
         "get_version_calls": len(lat),
@@ -198,16 +263,20 @@ def main() -> int:
         "get_version_calls_per_s": len(lat) / lat_wall,
         "cpu_count": os.cpu_count(),
     }
-    results["fetch_vs_raw"] = results["fetch_verified_gib_s"] / results["raw_gib_s"]
-    results["fetch_reused_vs_raw"] = results["fetch_verified_reused_buffer_gib_s"] / results["raw_gib_s"]
-    results["stream_only_vs_raw"] = results["fetch_stream_only_gib_s"] / results["raw_gib_s"]
-    print(f"raw gRPC stream          {results['raw_gib_s']:.2f} GiB/s")
-    print(f"registry fetch+sha256    {results['fetch_verified_gib_s']:.2f} GiB/s  ({results['fetch_vs_raw']:.2f}x raw)")
-    print(f"  ... into reused buffer {results['fetch_verified_reused_buffer_gib_s']:.2f} GiB/s  "
-          f"({results['fetch_reused_vs_raw']:.2f}x raw)")
-    print(f"registry stream only     {results['fetch_stream_only_gib_s']:.2f} GiB/s  "
-          f"({results['stream_only_vs_raw']:.2f}x raw)")
-    print("client CPU s/GiB         " + ", ".join(f"{k} {v:.2f}" for k, v in results["client_cpu_s_per_gib"].items()))
+    print(f"fetch of {size / 1e6:.0f} MB in {chunk >> 10} KiB messages, {args.repeats} interleaved rounds")
+    print(f"{'':30s} {'median':>7s} {'mean':>6s} {'min..max':>11s}  {'x raw':>5s} {'paired':>6s}  "
+          f"{'CPU s/GiB: client':>17s} {'server':>6s}")
+    for key, label in ROWS.items():
+        r = rows[key]
+        server = f"{r['server_cpu_s_per_gib']:.2f}" if r["server_cpu_s_per_gib"] is not None else "n/a"
+        print(f"{label:30s} {r['gib_s_median']:7.2f} {r['gib_s_mean']:6.2f} "
+              f"{r['gib_s_min']:5.2f}..{r['gib_s_max']:<5.2f}  {r['ratio_to_raw']:5.2f} {r['paired_ratio_median']:6.2f}  "
+              f"{r['client_cpu_s_per_gib']:17.2f} {server:>6s}")
+    print("(GiB/s; 'x raw' = median / raw median, 'paired' = median of each round's raw time / this row's time)")
+    t = results["targets"]
+    print(f"target verified >= {TARGET_RATIO}x raw: {'met' if t['ratio_met'] else 'NOT met'} "
+          f"({verified['ratio_to_raw']:.2f}x); >= {TARGET_GIB_S:.0f} GiB/s: "
+          f"{'met' if t['throughput_met'] else 'NOT met'} ({verified['gib_s_median']:.2f} GiB/s)")
     print(f"GetVersion, {args.clients} clients: p50 {results['get_version_p50_ms']:.2f} ms, "
           f"p99 {results['get_version_p99_ms']:.2f} ms over {len(lat)} calls "
           f"({results['get_version_calls_per_s']:.0f} calls/s)")
