@@ -6,7 +6,7 @@ servers'): the registry (``mnemosyne registry serve``) and a bare gRPC
 service that streams the same number of bytes from memory, in messages of the
 registry's chunk size, with no protobuf, no file reads and no verification —
 the ceiling for a Python gRPC stream on this machine. Its client uses the
-registry client's fetch-channel options (``FETCH_CHANNEL_OPTIONS``), so both
+registry client's channel options (``CHANNEL_OPTIONS``), so both
 streams run on the same transport settings.
 
 1. Fetch: a ``--size-mb`` artifact (default 100 MB) is published, then, in
@@ -62,8 +62,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mnemosyne_core.registry_client import RegistryClient
-from mnemosyne_core.registry_client.client import FETCH_CHANNEL_OPTIONS
 
+# The registry client's channel options (message limits), so both streams run on the same settings.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 RAW_METHOD = "/bench.Raw/Stream"
 DEFAULT_CHUNK = 1 << 20  # the registry's default (and largest) fetch chunk
 TARGET_RATIO, TARGET_GIB_S = 0.9, 1.0
@@ -133,7 +134,7 @@ def measure(fn, server_pid: int | None) -> tuple[float, float, float | None]:
 
 
 def raw_stream(port: int, size: int) -> None:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=FETCH_CHANNEL_OPTIONS)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
     call = channel.unary_stream(RAW_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     received = sum(len(chunk) for chunk in call(b""))
     channel.close()
@@ -237,7 +238,7 @@ def main() -> int:
         try:
             with RegistryClient(f"127.0.0.1:{reg_port}", timeout=300) as client:
                 artifact = os.urandom(size)
-                client.publish(artifact, "bench")
+                client.publish(artifact, "bench", {"compatibility": {"format": "opaque"}})
                 _, chunks = client.stream("bench", 1, chunk_size=chunk_size)
                 chunk = len(next(chunks))  # what the server sends after clamping the request
                 chunks.close()

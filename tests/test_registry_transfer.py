@@ -160,7 +160,7 @@ def target(tmp_path_factory):
     srv, port = create_server(tmp_path_factory.mktemp("transfer-registry"), port=0)
     srv.start()
     with RegistryClient(f"grpc://127.0.0.1:{port}") as c:
-        c.publish(DATA * 8, "big")  # ~2.6 MB: several 1 MiB messages
+        c.publish(DATA * 8, "big", {"compatibility": {"format": "opaque"}})  # ~2.6 MB: several 1 MiB messages
     yield f"grpc://127.0.0.1:{port}"
     shutdown(srv, grace=1)
 
