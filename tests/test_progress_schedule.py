@@ -184,3 +184,44 @@ def test_learned_optimizer_entry_passes_the_contract_kwargs():
     u, s = tx.update(grads, tx.init(params), params, loss=jnp.float32(1.0), total_steps=10, unknown=3)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(u))
     assert int(s.count) == 1 and dataclasses.is_dataclass(entry.make_config())
+
+
+def test_untold_fraction_runs_that_share_of_unrolls_without_the_horizon():
+    from mnemosyne_core.meta.config import MetaConfig
+    from mnemosyne_core.meta.evaluator import (
+        evaluate_tickets,
+        is_told,
+        learned_optimizer,
+    )
+    from mnemosyne_core.meta.noise import run_key_data
+    from mnemosyne_core.meta.protocol import Ticket
+
+    spec = TaskSpec("quadratic", {"dim": 8})
+    tickets = [Ticket(0, i, spec, 20, 20, run_key=run_key_data(0)) for i in range(4)]
+    # The choice is a function of (episode, pair): the same in every truncation and generation.
+    later = Ticket(5, 3, spec, 20, 10, start_step=10, episode=0, run_key=run_key_data(0))
+    assert is_told(later, 0.3) == is_told(tickets[3], 0.3)
+    many = [Ticket(0, i, spec, 20, 20, episode=e) for e in range(10) for i in range(100)]
+    assert abs(np.mean([not is_told(t, 0.3) for t in many]) - 0.3) < 0.03
+    assert all(is_told(t, 0.0) for t in many) and not any(is_told(t, 1.0) for t in many)
+
+    def losses(**est):
+        config = MetaConfig.from_dict({
+            "name": "untold", "seed": 0, "generations": 1,
+            "optimizer": {"config": {**BASE, "progress_schedule": True}},
+            "estimator": {"num_pairs": 4, "truncation": 20, **est},
+            "tasks": {"specs": [{"name": "quadratic", "kwargs": {"dim": 8}}], "min_unroll": 20, "max_unroll": 20}})
+        theta = _with_knots(learned_optimizer(config).init_theta(jax.random.key(0)),
+                            jnp.array([0.0, -3.0, -6.0, -6.0, -6.0]))
+        return [r.loss_pos for r in evaluate_tickets(theta, tickets, config)]
+
+    untold = losses(tell_horizon=False)
+    assert losses(tell_horizon=True, untold_fraction=1.0) == untold  # T = 0 is "not told", exactly
+    told = losses(tell_horizon=True)
+    assert all(a != b for a, b in zip(told, untold))
+    mixed = losses(tell_horizon=True, untold_fraction=0.5)
+    assert all(m in (a, b) for m, a, b in zip(mixed, told, untold)) and mixed not in (told, untold)
+    with pytest.raises(ConfigError, match="needs tell_horizon"):
+        EstimatorConfig(untold_fraction=0.3)
+    with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
+        EstimatorConfig(tell_horizon=True, untold_fraction=1.5)

@@ -105,7 +105,9 @@ class EstimatorConfig:
     there early, i.e. the area under the held-out curve, not only where the unroll ends) or
     ``final`` (the mean log training-loss ratio over the last 10 % of the unroll: the score a
     user reads at the end of training). ``tell_horizon`` passes each unroll's length to the
-    optimizer as ``update(..., total_steps=T)`` (for ``progress_schedule`` optimizers).
+    optimizer as ``update(..., total_steps=T)`` (for ``progress_schedule`` optimizers);
+    ``untold_fraction`` of the unrolls (chosen per pair and episode, the same in every
+    truncation of an unroll) are run without it, so θ also learns the untold mode.
     ``shape_within_task`` applies ``shaping`` to each task spec's pairs separately: losses of
     different tasks are not comparable, so ranking them together lets the task with the widest
     spread decide the step. ``batch_pairs`` pairs share one vmapped call; groups are padded to
@@ -122,6 +124,7 @@ class EstimatorConfig:
     grad_clip: float = 10.0
     batch_pairs: int = 1  # pairs per vmapped call (fixed, padded): one compile per task shape
     tell_horizon: bool = False  # update(..., total_steps=unroll length)
+    untold_fraction: float = 0.0  # with tell_horizon: this share of unrolls is not told (T = 0)
 
 
     def __post_init__(self) -> None:
@@ -132,6 +135,10 @@ class EstimatorConfig:
         for flag in ("shape_within_task", "tell_horizon"):  # a TOML "true" string would read as truthy
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"estimator.{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not (isinstance(self.untold_fraction, (int, float)) and 0.0 <= self.untold_fraction <= 1.0):
+            raise ConfigError(f"estimator.untold_fraction must be in [0, 1], got {self.untold_fraction!r}")
+        if self.untold_fraction and not self.tell_horizon:
+            raise ConfigError("estimator.untold_fraction needs tell_horizon = true")
         if self.meta_loss not in META_LOSSES:
             raise ConfigError(f"estimator.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
         if self.num_pairs < 1 or self.truncation < 1 or self.batch_pairs < 1:

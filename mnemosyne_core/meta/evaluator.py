@@ -97,6 +97,18 @@ class InnerStateStore:
         self._items = {int(k): (int(e), int(s), jax.tree.map(jnp.asarray, st)) for k, (e, s, st) in items.items()}
 
 
+def is_told(ticket: Ticket, untold_fraction: float) -> bool:
+    """Whether this ticket's unroll is told its horizon (``estimator.untold_fraction``).
+
+    A fixed function of (episode, pair): every truncation of one unroll, and both members of an
+    antithetic pair, agree; over pairs the untold share is ``untold_fraction``.
+    """
+    if untold_fraction <= 0.0:
+        return True
+    u = ((ticket.episode * 1_000_003 + ticket.pair_id) * 0.6180339887498949) % 1.0  # golden-ratio spread
+    return u >= untold_fraction
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(spec_json: str, config: MetaConfig, unravel_key: Any, backprop: bool):
     task = _task(spec_json)
@@ -210,7 +222,8 @@ def _run_group(flat: jax.Array, ukey: Any, spec_json: str, group: list[Ticket], 
     lengths = np.array([t.unroll_length for t in group])
     ends = np.minimum(starts + np.array([t.num_steps for t in group]), lengths)
     horizon = jnp.asarray(np.repeat(ends, m), jnp.int32)
-    unroll_total = jnp.asarray(np.repeat(lengths, m), jnp.int32)  # the planned horizon T
+    told = np.array([is_told(t, est.untold_fraction) for t in group])
+    unroll_total = jnp.asarray(np.repeat(np.where(told, lengths, 0), m), jnp.int32)  # T told (0: not told)
     # ``final``: only the last 10 % of each unroll is scored (what a user's final loss is).
     first_scored = lengths - np.maximum(1, lengths // 10) if est.meta_loss == "final" else np.zeros_like(lengths)
     score_from = jnp.asarray(np.repeat(first_scored, m), jnp.int32)
