@@ -125,11 +125,7 @@ class WatchHub:
                 watcher.last_sent = event.sequence
                 yield event
         finally:
-            watchers = self._watchers.get(watcher.key)
-            if watchers is not None:
-                watchers.discard(watcher)
-                if not watchers:
-                    del self._watchers[watcher.key]
+            self._forget(watcher)
 
     # -- the fan-out task ------------------------------------------------------------
     async def _fan_out(self) -> None:
@@ -165,10 +161,15 @@ class WatchHub:
                     w.last = event.sequence
                     w.queue.put_nowait(event)
 
+    def _forget(self, w: _Watcher) -> None:
+        watchers = self._watchers.get(w.key)
+        if watchers is not None:
+            watchers.discard(w)
+            if not watchers:
+                del self._watchers[w.key]
+
     def _cut_off(self, w: _Watcher) -> None:
-        self._watchers[w.key].discard(w)
-        if not self._watchers[w.key]:
-            del self._watchers[w.key]
+        self._forget(w)
         w.queue.put_nowait(ResourceExhausted(
             f"watch of {w.key[0]}@{w.key[1]} fell {self.max_backlog} events behind; "
             "resume with after_sequence set to the last sequence received"))
