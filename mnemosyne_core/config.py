@@ -41,7 +41,11 @@ class MnemosyneConfig:
     ``init_log_lr`` (plus a meta-learned offset): starting below α and letting
     the hypergradient raise it is a learned warm-up. ``max_log_gain`` > 0 bounds
     the learned per-chunk log gain softly to ±``max_log_gain`` (``tensor``; 0 =
-    unbounded). ``direction_correction=False`` (``tensor``) drops the learned
+    unbounded). ``max_log_step`` > 0 (``tensor``) is a hard ceiling on the product of every
+    step-size factor — hypergradient step size, learned gain and learned schedule — at
+    α·e^``max_log_step``: each factor has its own bound, but their product could reach
+    α·e^(max_log_lr + max_log_gain + schedule_max_log), where long runs blow up (0 = no ceiling,
+    as in checkpoints made before it existed). ``direction_correction=False`` (``tensor``) drops the learned
     per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
     ``progress_schedule`` (``tensor`` only) lets the optimizer use the training progress
@@ -79,6 +83,7 @@ class MnemosyneConfig:
     min_log_lr: float = -7.0
     max_log_lr: float = 2.3
     max_log_gain: float = 0.0
+    max_log_step: float = 0.0
     direction_correction: bool = True
     progress_schedule: bool = False
     schedule_knots: int = 5
@@ -145,8 +150,10 @@ class MnemosyneConfig:
                 and self.min_log_lr <= self.init_log_lr <= self.max_log_lr):
             raise ValueError("need finite min_log_lr ≤ init_log_lr ≤ max_log_lr, got "
                              f"{self.min_log_lr}, {self.init_log_lr}, {self.max_log_lr}")
-        if not (np.isfinite(self.max_log_gain) and self.max_log_gain >= 0):
-            raise ValueError(f"max_log_gain must be a finite number ≥ 0 (0 = unbounded), got {self.max_log_gain}")
+        for name in ("max_log_gain", "max_log_step"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number ≥ 0 (0 = unbounded), got {value}")
         if not np.isfinite(self.magnitude_scale):
             raise ValueError(f"magnitude_scale must be finite, got {self.magnitude_scale}")
 

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -305,6 +306,11 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                     gain = gain * jnp.exp(progress_log_schedule(
                         theta_s["sched"]["knots"], progress,
                         bounds=(config.schedule_min_log, config.schedule_max_log)))
+                if config.max_log_step > 0:
+                    # One ceiling on the product of the step-size factors: each is bounded on
+                    # its own, but a learned warm-up on top of a hypergradient step size at its
+                    # ceiling made 2000-step runs collapse to chance (docs/benchmarks.md, 5×).
+                    gain = jnp.minimum(gain, math.exp(config.max_log_step))
                 ok = ok & finite
                 new_memory = keep(memory, state.memory)
             else:

@@ -102,6 +102,29 @@ def test_learned_schedule_scales_the_step_by_exp_of_the_knots_at_t_over_T():
         np.testing.assert_array_equal(x, y)
 
 
+def test_max_log_step_caps_the_product_of_hypergradient_gain_and_schedule():
+    # Every factor at its own bound (hypergradient step size at max_log_lr, schedule knots at
+    # schedule_max_log, learned gain bias at +max_log_gain): their product α·e^(2.3+1+0.5) is
+    # what max_log_step caps. Adam's first step is ±1 per coordinate, so |update| = α·(factor).
+    params, grads = _params(), _grads()
+    over = {"init_log_lr": 2.3, "max_log_lr": 2.3, "max_log_gain": 0.5, "schedule_max_log": 1.0}
+    free = MnemosyneConfig(progress_schedule=True, **BASE, **over)
+    capped = dataclasses.replace(free, max_log_step=1.5)
+    theta = _with_knots(init_theta(jax.random.key(0), free), jnp.full(5, 1.0))
+    theta["head"]["b_s"] = jnp.float32(50.0)  # tanh bound → +max_log_gain
+    for config, want in [(free, 2.3 + 1.0 + 0.5), (capped, 1.5)]:
+        tx = mnemosyne(theta, config)
+        told, _ = tx.update(grads, tx.init(params), params, total_steps=100)
+        np.testing.assert_allclose(np.abs(np.asarray(told["b"])), BASE["learning_rate"] * np.exp(want), rtol=1e-4)
+    # Below the ceiling the cap changes nothing (a fresh θ: factor 1 < e^1.5).
+    fresh = init_theta(jax.random.key(0), CONFIG)
+    a, _ = mnemosyne(fresh, CONFIG).update(grads, mnemosyne(fresh, CONFIG).init(params), params, total_steps=9)
+    cap_cfg = dataclasses.replace(CONFIG, max_log_step=1.5)
+    b, _ = mnemosyne(fresh, cap_cfg).update(grads, mnemosyne(fresh, cap_cfg).init(params), params, total_steps=9)
+    for x, y in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_total_steps_is_traced_no_recompile_for_another_horizon():
     params, grads = _params(), _grads()
     theta = _with_knots(init_theta(jax.random.key(0), CONFIG), KNOTS)
@@ -151,6 +174,9 @@ def test_config_validation():
         MnemosyneConfig(progress_schedule=True, schedule_knots=1)
     with pytest.raises(ValueError, match="schedule_min_log"):
         MnemosyneConfig(schedule_min_log=0.5)
+    with pytest.raises(ValueError, match="max_log_step"):
+        MnemosyneConfig(max_log_step=-1.0)
+    assert MnemosyneConfig.from_dict({"variant": "tensor"}).max_log_step == 0.0  # older checkpoints: no ceiling
     with pytest.raises(ConfigError, match="tell_horizon"):
         EstimatorConfig(tell_horizon="yes")
     assert EstimatorConfig(meta_loss="final").meta_loss == "final"
