@@ -45,7 +45,9 @@ class MnemosyneConfig:
     step-size factor — hypergradient step size, learned gain and learned schedule — at
     α·e^``max_log_step``: each factor has its own bound, but their product could reach
     α·e^(max_log_lr + max_log_gain + schedule_max_log), where long runs blow up (0 = no ceiling,
-    as in checkpoints made before it existed). ``direction_correction=False`` (``tensor``) drops the learned
+    as in checkpoints made before it existed). Told the horizon, the ceiling falls linearly
+    over the training progress by ``step_ceiling_decay`` (log units; 0 = a constant ceiling):
+    α·e^(max_log_step − step_ceiling_decay·t/T). ``direction_correction=False`` (``tensor``) drops the learned
     per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
     ``progress_schedule`` (``tensor`` only) lets the optimizer use the training progress
@@ -84,6 +86,7 @@ class MnemosyneConfig:
     max_log_lr: float = 2.3
     max_log_gain: float = 0.0
     max_log_step: float = 0.0
+    step_ceiling_decay: float = 0.0
     direction_correction: bool = True
     progress_schedule: bool = False
     schedule_knots: int = 5
@@ -150,7 +153,7 @@ class MnemosyneConfig:
                 and self.min_log_lr <= self.init_log_lr <= self.max_log_lr):
             raise ValueError("need finite min_log_lr ≤ init_log_lr ≤ max_log_lr, got "
                              f"{self.min_log_lr}, {self.init_log_lr}, {self.max_log_lr}")
-        for name in ("max_log_gain", "max_log_step"):
+        for name in ("max_log_gain", "max_log_step", "step_ceiling_decay"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number ≥ 0 (0 = unbounded), got {value}")

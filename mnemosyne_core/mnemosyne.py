@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -310,7 +309,10 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                     # One ceiling on the product of the step-size factors: each is bounded on
                     # its own, but a learned warm-up on top of a hypergradient step size at its
                     # ceiling made 2000-step runs collapse to chance (docs/benchmarks.md, 5×).
-                    gain = jnp.minimum(gain, math.exp(config.max_log_step))
+                    ceiling = jnp.float32(config.max_log_step)
+                    if progress is not None and config.step_ceiling_decay > 0:
+                        ceiling = ceiling - config.step_ceiling_decay * progress[0] * progress[1]
+                    gain = jnp.minimum(gain, jnp.exp(ceiling))
                 ok = ok & finite
                 new_memory = keep(memory, state.memory)
             else:

@@ -125,6 +125,26 @@ def test_max_log_step_caps_the_product_of_hypergradient_gain_and_schedule():
         np.testing.assert_array_equal(x, y)
 
 
+def test_step_ceiling_falls_over_the_progress_when_told_and_stays_when_not():
+    # All factors above the ceiling (as in the test above): the step is the ceiling itself,
+    # α·e^(max_log_step − decay·t/T) told, α·e^max_log_step untold.
+    params, grads = _params(), _grads()
+    over = {"init_log_lr": 2.3, "max_log_lr": 2.3, "max_log_gain": 0.5, "schedule_max_log": 1.0}
+    config = MnemosyneConfig(progress_schedule=True, max_log_step=2.0, step_ceiling_decay=1.5, **BASE, **over)
+    theta = _with_knots(init_theta(jax.random.key(0), config), jnp.full(5, 1.0))
+    theta["head"]["b_s"] = jnp.float32(50.0)
+    tx = mnemosyne(theta, config)
+    state = tx.init(params)
+    for t in (0, 30, 60, 100, 150):
+        state_t = state._replace(count=jnp.int32(t))
+        told, _ = tx.update(grads, state_t, params, total_steps=120)
+        untold, _ = tx.update(grads, state_t, params)
+        ratio = np.asarray(told["b"]) / np.asarray(untold["b"])
+        np.testing.assert_allclose(ratio, np.exp(-1.5 * min(t / 120, 1.0)), rtol=1e-5)
+    first, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(np.abs(np.asarray(first["b"])), BASE["learning_rate"] * np.exp(2.0), rtol=1e-4)
+
+
 def test_total_steps_is_traced_no_recompile_for_another_horizon():
     params, grads = _params(), _grads()
     theta = _with_knots(init_theta(jax.random.key(0), CONFIG), KNOTS)
@@ -176,6 +196,8 @@ def test_config_validation():
         MnemosyneConfig(schedule_min_log=0.5)
     with pytest.raises(ValueError, match="max_log_step"):
         MnemosyneConfig(max_log_step=-1.0)
+    with pytest.raises(ValueError, match="step_ceiling_decay"):
+        MnemosyneConfig(step_ceiling_decay=float("nan"))
     assert MnemosyneConfig.from_dict({"variant": "tensor"}).max_log_step == 0.0  # older checkpoints: no ceiling
     with pytest.raises(ConfigError, match="tell_horizon"):
         EstimatorConfig(tell_horizon="yes")
