@@ -5,6 +5,8 @@ checkpoint format) and are produced by the documented meta-training commands:
 
 * ``default`` — ``mnemosyne meta-train --config default --seed 0 --out runs/default``
   (``runs/default/optimizer.msgpack``);
+* ``default_ceiling`` — ``mnemosyne meta-train --config default_ceiling --seed 0``: ``default`` with a
+  falling ceiling on its step size, for runs much longer than the 400-step meta-training horizon;
 * ``lstm`` — the LSTM baseline, the same config (as of commit 2933842) and budget:
   ``mnemosyne meta-train --config default --optimizer-kind lstm --seed 0 --out runs/default_lstm``;
 * ``default_v1`` — the first shipped ``default`` (before the hypergradient step sizes:

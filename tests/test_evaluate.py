@@ -251,15 +251,17 @@ def test_pretrained_default_is_a_ready_optax_transformation():
     assert np.isfinite(jax.flatten_util.ravel_pytree(theta)[0]).all()
 
 
-def test_shipped_default_is_what_its_documented_command_produces():
-    # `mnemosyne meta-train --config default --seed 0` must rebuild the shipped checkpoint's
+@pytest.mark.parametrize("name", ["default", "default_ceiling"])
+def test_shipped_default_is_what_its_documented_command_produces(name):
+    # `mnemosyne meta-train --config NAME --seed 0` must rebuild the shipped checkpoint's
     # architecture and budget: the committed config and the artifact cannot drift apart.
     from mnemosyne_core.meta.config import load_config
     from mnemosyne_core.meta.evaluator import learned_optimizer
     from mnemosyne_core.pretrained import pretrained_theta
 
-    theta, config, meta = pretrained_theta("default")
-    cfg = load_config("default")
+    theta, config, meta = pretrained_theta(name)
+    assert meta["config_name"] == name
+    cfg = load_config(name)
     lo = learned_optimizer(cfg)  # what the meta-trainer builds from this config
     assert config == lo.config
     assert meta["generation"] == cfg.generations and meta["seed"] == cfg.seed

@@ -227,7 +227,7 @@ def test_optimizer_specs():
     from mnemosyne_core.pretrained import available
 
     for name in available():
-        assert resolve_optimizer(name)[1]["metadata"]["config_name"] in {"default", "robotics"}
+        assert resolve_optimizer(name)[1]["metadata"]["config_name"] in {"default", "default_ceiling", "robotics"}
 
 
 def test_shipped_name_is_not_hidden_by_a_directory(tmp_path, monkeypatch):
