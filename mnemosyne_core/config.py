@@ -156,7 +156,7 @@ class MnemosyneConfig:
         for name in ("max_log_gain", "max_log_step", "step_ceiling_decay"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number ≥ 0 (0 = unbounded), got {value}")
+                raise ValueError(f"{name} must be a finite number ≥ 0 (0 = off), got {value}")
         if not np.isfinite(self.magnitude_scale):
             raise ValueError(f"magnitude_scale must be finite, got {self.magnitude_scale}")
 

@@ -102,37 +102,44 @@ def test_learned_schedule_scales_the_step_by_exp_of_the_knots_at_t_over_T():
         np.testing.assert_array_equal(x, y)
 
 
+# Every step-size factor at its own bound: the hypergradient step size at max_log_lr, the schedule
+# knots at schedule_max_log, the learned gain's bias past its tanh bound (→ +max_log_gain). Their
+# product α·e^(2.3+1+0.5) is what the ceiling caps; Adam's first step is ±1 per coordinate.
+AT_BOUNDS = {"init_log_lr": 2.3, "max_log_lr": 2.3, "max_log_gain": 0.5, "schedule_max_log": 1.0}
+
+
+def _theta_at_bounds(config):
+    theta = _with_knots(init_theta(jax.random.key(0), config), jnp.full(5, 1.0))
+    theta["head"]["b_s"] = jnp.float32(50.0)
+    return theta
+
+
+def _first_update(theta, config, **extra):
+    tx = mnemosyne(theta, config)
+    params = _params()
+    return tx.update(_grads(), tx.init(params), params, **extra)[0]
+
+
 def test_max_log_step_caps_the_product_of_hypergradient_gain_and_schedule():
-    # Every factor at its own bound (hypergradient step size at max_log_lr, schedule knots at
-    # schedule_max_log, learned gain bias at +max_log_gain): their product α·e^(2.3+1+0.5) is
-    # what max_log_step caps. Adam's first step is ±1 per coordinate, so |update| = α·(factor).
-    params, grads = _params(), _grads()
-    over = {"init_log_lr": 2.3, "max_log_lr": 2.3, "max_log_gain": 0.5, "schedule_max_log": 1.0}
-    free = MnemosyneConfig(progress_schedule=True, **BASE, **over)
-    capped = dataclasses.replace(free, max_log_step=1.5)
-    theta = _with_knots(init_theta(jax.random.key(0), free), jnp.full(5, 1.0))
-    theta["head"]["b_s"] = jnp.float32(50.0)  # tanh bound → +max_log_gain
-    for config, want in [(free, 2.3 + 1.0 + 0.5), (capped, 1.5)]:
-        tx = mnemosyne(theta, config)
-        told, _ = tx.update(grads, tx.init(params), params, total_steps=100)
+    free = MnemosyneConfig(progress_schedule=True, **BASE, **AT_BOUNDS)
+    theta = _theta_at_bounds(free)
+    for config, want in [(free, 2.3 + 1.0 + 0.5), (dataclasses.replace(free, max_log_step=1.5), 1.5)]:
+        told = _first_update(theta, config, total_steps=100)
         np.testing.assert_allclose(np.abs(np.asarray(told["b"])), BASE["learning_rate"] * np.exp(want), rtol=1e-4)
     # Below the ceiling the cap changes nothing (a fresh θ: factor 1 < e^1.5).
     fresh = init_theta(jax.random.key(0), CONFIG)
-    a, _ = mnemosyne(fresh, CONFIG).update(grads, mnemosyne(fresh, CONFIG).init(params), params, total_steps=9)
-    cap_cfg = dataclasses.replace(CONFIG, max_log_step=1.5)
-    b, _ = mnemosyne(fresh, cap_cfg).update(grads, mnemosyne(fresh, cap_cfg).init(params), params, total_steps=9)
+    a = _first_update(fresh, CONFIG, total_steps=9)
+    b = _first_update(fresh, dataclasses.replace(CONFIG, max_log_step=1.5), total_steps=9)
     for x, y in zip(_leaves(a), _leaves(b)):
         np.testing.assert_array_equal(x, y)
 
 
 def test_step_ceiling_falls_over_the_progress_when_told_and_stays_when_not():
-    # All factors above the ceiling (as in the test above): the step is the ceiling itself,
+    # All factors above the ceiling: the step is the ceiling itself,
     # α·e^(max_log_step − decay·t/T) told, α·e^max_log_step untold.
     params, grads = _params(), _grads()
-    over = {"init_log_lr": 2.3, "max_log_lr": 2.3, "max_log_gain": 0.5, "schedule_max_log": 1.0}
-    config = MnemosyneConfig(progress_schedule=True, max_log_step=2.0, step_ceiling_decay=1.5, **BASE, **over)
-    theta = _with_knots(init_theta(jax.random.key(0), config), jnp.full(5, 1.0))
-    theta["head"]["b_s"] = jnp.float32(50.0)
+    config = MnemosyneConfig(progress_schedule=True, max_log_step=2.0, step_ceiling_decay=1.5, **BASE, **AT_BOUNDS)
+    theta = _theta_at_bounds(config)
     tx = mnemosyne(theta, config)
     state = tx.init(params)
     for t in (0, 30, 60, 100, 150):
@@ -141,7 +148,7 @@ def test_step_ceiling_falls_over_the_progress_when_told_and_stays_when_not():
         untold, _ = tx.update(grads, state_t, params)
         ratio = np.asarray(told["b"]) / np.asarray(untold["b"])
         np.testing.assert_allclose(ratio, np.exp(-1.5 * min(t / 120, 1.0)), rtol=1e-5)
-    first, _ = tx.update(grads, state, params)
+    first = _first_update(theta, config)
     np.testing.assert_allclose(np.abs(np.asarray(first["b"])), BASE["learning_rate"] * np.exp(2.0), rtol=1e-4)
 
 
