@@ -47,7 +47,10 @@ class MnemosyneConfig:
     α·e^(max_log_lr + max_log_gain + schedule_max_log), where long runs blow up (0 = no ceiling,
     as in checkpoints made before it existed). Told the horizon, the ceiling falls linearly
     over the training progress by ``step_ceiling_decay`` (log units; 0 = a constant ceiling):
-    α·e^(max_log_step − step_ceiling_decay·t/T). ``direction_correction=False`` (``tensor``) drops the learned
+    α·e^(max_log_step − step_ceiling_decay·t/T). ``step_ceiling_from`` S > 0 makes it a guard for runs
+    longer than meta-training saw: no ceiling before step S, and from S on it falls over
+    (t − S)/(T − S) instead of t/T, so a run of at most S steps runs exactly as without it (set S to the
+    longest meta-training unroll). ``direction_correction=False`` (``tensor``) drops the learned
     per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
     ``progress_schedule`` (``tensor`` only) lets the optimizer use the training progress
@@ -87,6 +90,7 @@ class MnemosyneConfig:
     max_log_gain: float = 0.0
     max_log_step: float = 0.0
     step_ceiling_decay: float = 0.0
+    step_ceiling_from: int = 0
     direction_correction: bool = True
     progress_schedule: bool = False
     schedule_knots: int = 5
@@ -157,6 +161,11 @@ class MnemosyneConfig:
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number ≥ 0 (0 = off), got {value}")
+        if isinstance(self.step_ceiling_from, bool) or not isinstance(self.step_ceiling_from, (int, np.integer)) \
+                or self.step_ceiling_from < 0:
+            raise ValueError(f"step_ceiling_from must be an integer step ≥ 0, got {self.step_ceiling_from!r}")
+        if self.step_ceiling_from > 0 and self.max_log_step <= 0:
+            raise ValueError("step_ceiling_from > 0 delays a ceiling that is off: set max_log_step > 0 too")
         if not np.isfinite(self.magnitude_scale):
             raise ValueError(f"magnitude_scale must be finite, got {self.magnitude_scale}")
 

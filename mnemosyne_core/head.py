@@ -161,6 +161,20 @@ def progress_features(count: jax.Array, total_steps: jax.Array | None) -> jax.Ar
     return jnp.stack([jnp.where(known, p, 0.0), known.astype(jnp.float32)])
 
 
+def ceiling_progress(count: jax.Array, total_steps: jax.Array | None, start: int) -> jax.Array:
+    """How far the step ceiling has fallen, in [0, 1]: (t − S)/(T − S) clipped, for S = ``start``.
+
+    0 when the horizon T is not told (None or ≤ 0). A told T ≤ S means the run is already past the
+    horizon once it reaches S: the ceiling is at its floor one step after S.
+    """
+    if total_steps is None:
+        return jnp.zeros((), jnp.float32)
+    total = jnp.asarray(total_steps, jnp.float32)
+    span = jnp.maximum(total - start, 1.0)
+    q = jnp.clip((count.astype(jnp.float32) - start) / span, 0.0, 1.0)
+    return jnp.where(total > 0, q, 0.0)
+
+
 def progress_log_schedule(knots: jax.Array, progress: jax.Array, *, bounds: tuple[float, float]) -> jax.Array:
     """The learned log step-size multiplier at progress ``progress = (p·known, known)``.
 

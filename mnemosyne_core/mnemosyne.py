@@ -36,6 +36,7 @@ from mnemosyne_core.config import MnemosyneConfig
 from mnemosyne_core.favor import orthogonal_directions
 from mnemosyne_core.head import (
     TensorMemory,
+    ceiling_progress,
     coordinate_cam,
     hypergradient_log_lr,
     hypergradient_sums,
@@ -309,10 +310,16 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                     # One ceiling on the product of the step-size factors: each is bounded on
                     # its own, but a learned warm-up on top of a hypergradient step size at its
                     # ceiling made 2000-step runs collapse to chance (docs/benchmarks.md, 5×).
+                    # From step_ceiling_from S on (a guard for runs longer than meta-training's
+                    # unrolls: a run of ≤ S steps is untouched), falling over (t − S)/(T − S).
+                    start = config.step_ceiling_from
                     ceiling = jnp.float32(config.max_log_step)
                     if progress is not None and config.step_ceiling_decay > 0:
-                        ceiling = ceiling - config.step_ceiling_decay * progress[0] * progress[1]
-                    gain = jnp.minimum(gain, jnp.exp(ceiling))
+                        fall = (progress[0] * progress[1] if start == 0 else
+                                ceiling_progress(state.count, total_steps if learned_schedule else None, start))
+                        ceiling = ceiling - config.step_ceiling_decay * fall
+                    capped = jnp.minimum(gain, jnp.exp(ceiling))
+                    gain = capped if start == 0 else jnp.where(state.count >= start, capped, gain)
                 ok = ok & finite
                 new_memory = keep(memory, state.memory)
             else:

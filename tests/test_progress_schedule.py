@@ -152,6 +152,32 @@ def test_step_ceiling_falls_over_the_progress_when_told_and_stays_when_not():
     np.testing.assert_allclose(np.abs(np.asarray(first["b"])), BASE["learning_rate"] * np.exp(2.0), rtol=1e-4)
 
 
+def test_step_ceiling_from_leaves_short_runs_untouched_and_guards_longer_ones():
+    # S = 50: before step 50 the step is exactly the uncapped one; from 50 on the ceiling falls
+    # over (t − S)/(T − S) told, stays at max_log_step untold, and a told T ≤ S is already past it.
+    params, grads = _params(), _grads()
+    free = MnemosyneConfig(progress_schedule=True, **BASE, **AT_BOUNDS)  # product e^(2.3 + 1 + 0.5) told
+    guarded = dataclasses.replace(free, max_log_step=2.0, step_ceiling_decay=1.5, step_ceiling_from=50)
+    theta = _theta_at_bounds(free)
+    tx_free, tx_guard = mnemosyne(theta, free), mnemosyne(theta, guarded)
+    state = tx_free.init(params)
+    for t, total, want_told, want_untold in [
+        (0, 150, 3.8, 2.8), (49, 150, 3.8, 2.8),  # before S: no ceiling at all
+        (50, 150, 2.0, 2.0), (100, 150, 2.0 - 0.75, 2.0), (150, 150, 0.5, 2.0), (400, 150, 0.5, 2.0),
+        (51, 40, 0.5, 2.0),  # told T = 40 ≤ S: past the horizon, the ceiling is at its floor
+    ]:
+        state_t = state._replace(count=jnp.int32(t))
+        for kwargs, want, full in [({"total_steps": total}, want_told, 3.8), ({}, want_untold, 2.8)]:
+            ref, _ = tx_free.update(grads, state_t, params, **kwargs)
+            got, _ = tx_guard.update(grads, state_t, params, **kwargs)
+            if want == full:
+                for x, y in zip(_leaves(ref), _leaves(got)):
+                    np.testing.assert_array_equal(x, y)
+            else:
+                ratio = np.asarray(got["b"]) / np.asarray(ref["b"])
+                np.testing.assert_allclose(ratio, np.exp(want - full), rtol=1e-5)
+
+
 def test_total_steps_is_traced_no_recompile_for_another_horizon():
     params, grads = _params(), _grads()
     theta = _with_knots(init_theta(jax.random.key(0), CONFIG), KNOTS)
@@ -205,7 +231,13 @@ def test_config_validation():
         MnemosyneConfig(max_log_step=-1.0)
     with pytest.raises(ValueError, match="step_ceiling_decay"):
         MnemosyneConfig(step_ceiling_decay=float("nan"))
-    assert MnemosyneConfig.from_dict({"variant": "tensor"}).max_log_step == 0.0  # older checkpoints: no ceiling
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="step_ceiling_from"):
+            MnemosyneConfig(max_log_step=2.0, step_ceiling_from=bad)
+    with pytest.raises(ValueError, match="max_log_step > 0"):
+        MnemosyneConfig(step_ceiling_from=400)  # delaying a ceiling that is off is a mistake
+    old = MnemosyneConfig.from_dict({"variant": "tensor"})  # older checkpoints: no ceiling
+    assert (old.max_log_step, old.step_ceiling_from) == (0.0, 0)
     with pytest.raises(ConfigError, match="tell_horizon"):
         EstimatorConfig(tell_horizon="yes")
     assert EstimatorConfig(meta_loss="final").meta_loss == "final"
