@@ -50,7 +50,8 @@ class MnemosyneConfig:
     α·e^(max_log_step − step_ceiling_decay·t/T). ``step_ceiling_from`` S > 0 makes it a guard for runs
     longer than meta-training saw: no ceiling before step S, and from S on it falls over
     (t − S)/(T − S) instead of t/T, so a run of at most S steps runs exactly as without it (set S to the
-    longest meta-training unroll). ``direction_correction=False`` (``tensor``) drops the learned
+    longest meta-training unroll). Being the tail of the learned schedule, this guard acts only when told
+    the horizon (not untold, not in direction mode) and needs ``progress_schedule``. ``direction_correction=False`` (``tensor``) drops the learned
     per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
     ``progress_schedule`` (``tensor`` only) lets the optimizer use the training progress
@@ -166,6 +167,9 @@ class MnemosyneConfig:
             raise ValueError(f"step_ceiling_from must be an integer step ≥ 0, got {self.step_ceiling_from!r}")
         if self.step_ceiling_from > 0 and self.max_log_step <= 0:
             raise ValueError("step_ceiling_from > 0 delays a ceiling that is off: set max_log_step > 0 too")
+        if self.step_ceiling_from > 0 and not self.progress_schedule:
+            raise ValueError("step_ceiling_from > 0 is a guard that acts only when told the horizon: "
+                             "it needs progress_schedule=True")
         if not np.isfinite(self.magnitude_scale):
             raise ValueError(f"magnitude_scale must be finite, got {self.magnitude_scale}")
 

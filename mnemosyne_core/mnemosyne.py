@@ -311,7 +311,9 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                     # its own, but a learned warm-up on top of a hypergradient step size at its
                     # ceiling made 2000-step runs collapse to chance (docs/benchmarks.md, 5×).
                     # From step_ceiling_from S on (a guard for runs longer than meta-training's
-                    # unrolls: a run of ≤ S steps is untouched), falling over (t − S)/(T − S).
+                    # unrolls: a run of ≤ S steps is untouched), falling over (t − S)/(T − S). It is
+                    # the tail of the learned schedule, so it acts only where that does (told T): in
+                    # direction mode the user's schedule owns the step size.
                     start = config.step_ceiling_from
                     ceiling = jnp.float32(config.max_log_step)
                     if progress is not None and config.step_ceiling_decay > 0:
@@ -319,7 +321,9 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                                 ceiling_progress(state.count, total_steps if learned_schedule else None, start))
                         ceiling = ceiling - config.step_ceiling_decay * fall
                     capped = jnp.minimum(gain, jnp.exp(ceiling))
-                    gain = capped if start == 0 else jnp.where(state.count >= start, capped, gain)
+                    if start > 0:  # validated: progress_schedule is on, so progress is not None
+                        capped = jnp.where((state.count >= start) & (progress[1] > 0), capped, gain)
+                    gain = capped
                 ok = ok & finite
                 new_memory = keep(memory, state.memory)
             else:

@@ -154,7 +154,8 @@ def test_step_ceiling_falls_over_the_progress_when_told_and_stays_when_not():
 
 def test_step_ceiling_from_leaves_short_runs_untouched_and_guards_longer_ones():
     # S = 50: before step 50 the step is exactly the uncapped one; from 50 on the ceiling falls
-    # over (t − S)/(T − S) told, stays at max_log_step untold, and a told T ≤ S is already past it.
+    # over (t − S)/(T − S) told, a told T ≤ S is already past it, and untold the guard never acts
+    # (nor in direction mode: the user's schedule owns the step size there).
     params, grads = _params(), _grads()
     free = MnemosyneConfig(progress_schedule=True, **BASE, **AT_BOUNDS)  # product e^(2.3 + 1 + 0.5) told
     guarded = dataclasses.replace(free, max_log_step=2.0, step_ceiling_decay=1.5, step_ceiling_from=50)
@@ -163,8 +164,8 @@ def test_step_ceiling_from_leaves_short_runs_untouched_and_guards_longer_ones():
     state = tx_free.init(params)
     for t, total, want_told, want_untold in [
         (0, 150, 3.8, 2.8), (49, 150, 3.8, 2.8),  # before S: no ceiling at all
-        (50, 150, 2.0, 2.0), (100, 150, 2.0 - 0.75, 2.0), (150, 150, 0.5, 2.0), (400, 150, 0.5, 2.0),
-        (51, 40, 0.5, 2.0),  # told T = 40 ≤ S: past the horizon, the ceiling is at its floor
+        (50, 150, 2.0, 2.8), (100, 150, 2.0 - 0.75, 2.8), (150, 150, 0.5, 2.8), (400, 150, 0.5, 2.8),
+        (51, 40, 0.5, 2.8),  # told T = 40 ≤ S: past the horizon, the ceiling is at its floor
     ]:
         state_t = state._replace(count=jnp.int32(t))
         for kwargs, want, full in [({"total_steps": total}, want_told, 3.8), ({}, want_untold, 2.8)]:
@@ -176,6 +177,13 @@ def test_step_ceiling_from_leaves_short_runs_untouched_and_guards_longer_ones():
             else:
                 ratio = np.asarray(got["b"]) / np.asarray(ref["b"])
                 np.testing.assert_allclose(ratio, np.exp(want - full), rtol=1e-5)
+    # Direction mode past S: exactly the unguarded direction.
+    sched_free, sched_guard = scheduled(theta, free, 1e-3), scheduled(theta, guarded, 1e-3)
+    inner, *rest = sched_free.init(params)  # chain: (the learned rule's state, the schedule's)
+    state_t = (inner._replace(count=jnp.int32(120)), *rest)
+    for x, y in zip(_leaves(sched_free.update(grads, state_t, params, total_steps=150)[0]),
+                    _leaves(sched_guard.update(grads, state_t, params, total_steps=150)[0])):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_total_steps_is_traced_no_recompile_for_another_horizon():
@@ -233,9 +241,11 @@ def test_config_validation():
         MnemosyneConfig(step_ceiling_decay=float("nan"))
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="step_ceiling_from"):
-            MnemosyneConfig(max_log_step=2.0, step_ceiling_from=bad)
+            MnemosyneConfig(progress_schedule=True, max_log_step=2.0, step_ceiling_from=bad)
     with pytest.raises(ValueError, match="max_log_step > 0"):
         MnemosyneConfig(step_ceiling_from=400)  # delaying a ceiling that is off is a mistake
+    with pytest.raises(ValueError, match="progress_schedule"):
+        MnemosyneConfig(max_log_step=2.0, step_ceiling_from=400)  # acts only when told T
     old = MnemosyneConfig.from_dict({"variant": "tensor"})  # older checkpoints: no ceiling
     assert (old.max_log_step, old.step_ceiling_from) == (0.0, 0)
     with pytest.raises(ConfigError, match="tell_horizon"):
