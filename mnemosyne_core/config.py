@@ -162,8 +162,7 @@ class MnemosyneConfig:
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number ≥ 0 (0 = off), got {value}")
-        if isinstance(self.step_ceiling_from, bool) or not isinstance(self.step_ceiling_from, (int, np.integer)) \
-                or self.step_ceiling_from < 0:
+        if self.step_ceiling_from < 0:  # its type (int, not bool) is checked with every field's above
             raise ValueError(f"step_ceiling_from must be an integer step ≥ 0, got {self.step_ceiling_from!r}")
         if self.step_ceiling_from > 0 and self.max_log_step <= 0:
             raise ValueError("step_ceiling_from > 0 delays a ceiling that is off: set max_log_step > 0 too")

@@ -270,7 +270,8 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
         if config.progress_schedule:
             # Under a user's schedule (``scheduled``) the learned schedule and the progress
             # inputs are off: the user's schedule is told the horizon, not the rule.
-            progress = progress_features(state.count, total_steps if learned_schedule else None)
+            told_total = total_steps if learned_schedule else None
+            progress = progress_features(state.count, told_total)
             global_ctx = progress if global_ctx is None else jnp.concatenate([global_ctx, progress])
 
         # Bias corrections as scalar reciprocals: per-coordinate multiplies, not divides.
@@ -318,7 +319,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                     ceiling = jnp.float32(config.max_log_step)
                     if progress is not None and config.step_ceiling_decay > 0:
                         fall = (progress[0] * progress[1] if start == 0 else
-                                ceiling_progress(state.count, total_steps if learned_schedule else None, start))
+                                ceiling_progress(state.count, told_total, start))
                         ceiling = ceiling - config.step_ceiling_decay * fall
                     capped = jnp.minimum(gain, jnp.exp(ceiling))
                     if start > 0:  # validated: progress_schedule is on, so progress is not None
