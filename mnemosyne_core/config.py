@@ -51,7 +51,12 @@ class MnemosyneConfig:
     longer than meta-training saw: no ceiling before step S, and from S on it falls over
     (t − S)/(T − S) instead of t/T, so a run of at most S steps runs exactly as without it (set S to the
     longest meta-training unroll). Being the tail of the learned schedule, this guard acts only when told
-    the horizon (not untold, not in direction mode) and needs ``progress_schedule``. ``direction_correction=False`` (``tensor``) drops the learned
+    the horizon (not untold, not in direction mode) and needs ``progress_schedule``.
+    ``hypergradient_horizon`` H > 0 (0 = off) is the other half of that guard: told a horizon T > H,
+    the hypergradient rate is multiplied by √(H/T), so the random walk of the log step size spreads
+    over the whole run as far as it did over the H-step unrolls of meta-training (set H to the
+    longest unroll; a run of ≤ H steps, untold or in direction mode runs the trained rate). Needs
+    ``hypergradient`` and ``progress_schedule``. ``direction_correction=False`` (``tensor``) drops the learned
     per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
     ``progress_schedule`` (``tensor`` only) lets the optimizer use the training progress
@@ -92,6 +97,7 @@ class MnemosyneConfig:
     max_log_step: float = 0.0
     step_ceiling_decay: float = 0.0
     step_ceiling_from: int = 0
+    hypergradient_horizon: int = 0
     direction_correction: bool = True
     progress_schedule: bool = False
     schedule_knots: int = 5
@@ -169,6 +175,12 @@ class MnemosyneConfig:
         if self.step_ceiling_from > 0 and not self.progress_schedule:
             raise ValueError("step_ceiling_from > 0 is a guard that acts only when told the horizon: "
                              "it needs progress_schedule=True")
+        if self.hypergradient_horizon < 0:
+            raise ValueError(f"hypergradient_horizon must be an integer step count ≥ 0 (0 = off), "
+                             f"got {self.hypergradient_horizon!r}")
+        if self.hypergradient_horizon > 0 and not (self.hypergradient and self.progress_schedule):
+            raise ValueError("hypergradient_horizon > 0 slows the hypergradient on told horizons: "
+                             "it needs hypergradient=True and progress_schedule=True")
         if not np.isfinite(self.magnitude_scale):
             raise ValueError(f"magnitude_scale must be finite, got {self.magnitude_scale}")
 

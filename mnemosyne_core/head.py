@@ -175,6 +175,23 @@ def ceiling_progress(count: jax.Array, total_steps: jax.Array | None, start: int
     return jnp.where(total > 0, q, 0.0)
 
 
+def hypergradient_clock(total_steps: jax.Array | None, horizon: int) -> jax.Array:
+    """The factor √min(1, H/T) on the hypergradient rate for a told horizon T and H = ``horizon``.
+
+    The rule was meta-trained on runs of at most H steps. Under gradient noise its log step size
+    is a random walk (with the greedy hypergradient's downward bias) whose spread grows as
+    rate·√steps: over a told T > H steps, the rate times √(H/T) keeps that spread what
+    meta-training saw, while a persistent signal (a loss spike, steadily agreeing gradients)
+    still moves it √(T/H) times further over the longer run. (Scaling by H/T instead, the
+    progress clock, slowed the back-off the digits MLPs need and sent them to chance at 5×:
+    docs/benchmarks.md, "The hypergradient clock".) 1 when not told (None or ≤ 0) or T ≤ H.
+    """
+    if total_steps is None:
+        return jnp.ones((), jnp.float32)
+    total = jnp.asarray(total_steps, jnp.float32)
+    return jnp.where(total > horizon, jnp.sqrt(horizon / jnp.maximum(total, 1.0)), 1.0)
+
+
 def progress_log_schedule(knots: jax.Array, progress: jax.Array, *, bounds: tuple[float, float]) -> jax.Array:
     """The learned log step-size multiplier at progress ``progress = (p·known, known)``.
 
@@ -233,7 +250,7 @@ def init_tensor_memory(
 DRIFT_SCALE = 0.01
 
 
-def hypergradient_log_lr(hd: dict, log_lr: jax.Array, sums: jax.Array, *, rate: float,
+def hypergradient_log_lr(hd: dict, log_lr: jax.Array, sums: jax.Array, *, rate: float | jax.Array,
                          bounds: tuple[float, float], down: float = 1.0) -> jax.Array:
     """Next per-tensor log step size from this step's ``sums (L, 3)`` = (g·u, g·g, u·u).
 

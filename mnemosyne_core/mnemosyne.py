@@ -38,6 +38,7 @@ from mnemosyne_core.head import (
     TensorMemory,
     ceiling_progress,
     coordinate_cam,
+    hypergradient_clock,
     hypergradient_log_lr,
     hypergradient_sums,
     init_coordinate_theta,
@@ -354,8 +355,15 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
             if config.hypergradient and pooled:
                 # The step size this step used was set by the previous steps' sums;
                 # this step's sums set the next one (one step late, no second pass).
+                rate = config.hypergradient_rate
+                if config.hypergradient_horizon > 0:
+                    # Told a horizon longer than meta-training's unrolls, slow the random walk
+                    # of log α (the greedy hypergradient's drift down under gradient noise
+                    # starved 2000-step runs of loss-floor tasks: docs/benchmarks.md). Told
+                    # only: untold runs and direction mode keep the trained rate.
+                    rate = rate * hypergradient_clock(told_total, config.hypergradient_horizon)
                 log_lr = hypergradient_log_lr(
-                    theta_s["hd"], state.memory.log_lr, jnp.stack(hd_sums), rate=config.hypergradient_rate,
+                    theta_s["hd"], state.memory.log_lr, jnp.stack(hd_sums), rate=rate,
                     bounds=(config.min_log_lr, config.max_log_lr), down=config.hypergradient_down)
                 new_memory = new_memory._replace(log_lr=jnp.where(ok, log_lr, state.memory.log_lr))
         else:

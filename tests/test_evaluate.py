@@ -270,8 +270,9 @@ def test_shipped_default_is_what_its_documented_command_produces(name):
 
 
 def test_shipped_long_run_guard_never_acts_within_the_meta_training_horizon():
-    # `default`'s step ceiling (the long-run guard) starts where its longest meta-training unroll
-    # ends: ES never saw it act, and a run of ≤ 400 steps runs exactly the rule that was trained.
+    # `default`'s step ceiling and hypergradient clock (the long-run guard) start where its longest
+    # meta-training unroll ends: ES never saw them act, and a run of ≤ 400 steps runs exactly the
+    # rule that was trained.
     from mnemosyne_core.meta.config import load_config
     from mnemosyne_core.pretrained import pretrained_theta
 
@@ -280,3 +281,4 @@ def test_shipped_long_run_guard_never_acts_within_the_meta_training_horizon():
     longest = max([tasks.max_unroll] + [max(s.get("unroll", [0])) for s in tasks.spec_dicts])
     assert config.max_log_step > 0 and config.step_ceiling_decay > 0
     assert config.step_ceiling_from >= longest
+    assert config.hypergradient_horizon >= longest  # nor does the hypergradient clock

@@ -186,6 +186,39 @@ def test_step_ceiling_from_leaves_short_runs_untouched_and_guards_longer_ones():
         np.testing.assert_array_equal(x, y)
 
 
+def test_hypergradient_horizon_slows_the_step_size_walk_only_on_longer_told_horizons():
+    # H = 100: told T ≤ H, untold and in direction mode the log step size moves exactly as with
+    # the option off; told T = 400 it moves √(100/400) = ½ as far per step.
+    params = _params()
+    free = CONFIG
+    clocked = dataclasses.replace(free, hypergradient_horizon=100)
+    theta = init_theta(jax.random.key(0), free)
+    tx_free, tx_clock = mnemosyne(theta, free), mnemosyne(theta, clocked)
+
+    def walk(tx, **kwargs):  # two steps whose gradients disagree, then the log step size's move
+        state = tx.init(params)
+        _, state = tx.update(_grads(), state, params, **kwargs)
+        before = np.asarray(state.memory.log_lr)
+        _, state = tx.update(_grads(-0.5), state, params, **kwargs)
+        return np.asarray(state.memory.log_lr) - before
+
+    ref = walk(tx_free, total_steps=400)
+    assert np.all(ref < 0)  # the gradients disagree: the hypergradient backs off
+    np.testing.assert_allclose(walk(tx_clock, total_steps=400), 0.5 * ref, rtol=1e-5)
+    np.testing.assert_allclose(walk(tx_clock, total_steps=1600), 0.25 * walk(tx_free, total_steps=1600),
+                               rtol=1e-5)
+    for kwargs in ({"total_steps": 100}, {"total_steps": 60}, {}):
+        np.testing.assert_array_equal(walk(tx_clock, **kwargs), walk(tx_free, **kwargs))
+    # Direction mode: the user's schedule is told the horizon, the rule keeps the trained rate.
+    sched_free, sched_clock = scheduled(theta, free, 1e-3), scheduled(theta, clocked, 1e-3)
+    s_free, s_clock = sched_free.init(params), sched_clock.init(params)
+    for g in (_grads(), _grads(-0.5), _grads()):
+        u_free, s_free = sched_free.update(g, s_free, params, total_steps=400)
+        u_clock, s_clock = sched_clock.update(g, s_clock, params, total_steps=400)
+        for x, y in zip(_leaves(u_free), _leaves(u_clock)):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_total_steps_is_traced_no_recompile_for_another_horizon():
     params, grads = _params(), _grads()
     theta = _with_knots(init_theta(jax.random.key(0), CONFIG), KNOTS)
@@ -246,8 +279,15 @@ def test_config_validation():
         MnemosyneConfig(step_ceiling_from=400)  # delaying a ceiling that is off is a mistake
     with pytest.raises(ValueError, match="progress_schedule"):
         MnemosyneConfig(max_log_step=2.0, step_ceiling_from=400)  # acts only when told T
-    old = MnemosyneConfig.from_dict({"variant": "tensor"})  # older checkpoints: no ceiling
-    assert (old.max_log_step, old.step_ceiling_from) == (0.0, 0)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="hypergradient_horizon"):
+            MnemosyneConfig(progress_schedule=True, hypergradient=True, hypergradient_horizon=bad)
+    with pytest.raises(ValueError, match="progress_schedule"):
+        MnemosyneConfig(hypergradient=True, hypergradient_horizon=400)  # acts only when told T
+    with pytest.raises(ValueError, match="hypergradient=True"):
+        MnemosyneConfig(progress_schedule=True, hypergradient_horizon=400)  # no walk to slow
+    old = MnemosyneConfig.from_dict({"variant": "tensor"})  # older checkpoints: no ceiling, no clock
+    assert (old.max_log_step, old.step_ceiling_from, old.hypergradient_horizon) == (0.0, 0, 0)
     with pytest.raises(ConfigError, match="tell_horizon"):
         EstimatorConfig(tell_horizon="yes")
     assert EstimatorConfig(meta_loss="final").meta_loss == "final"
