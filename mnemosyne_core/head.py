@@ -183,8 +183,12 @@ def hypergradient_clock(total_steps: jax.Array | None, horizon: int) -> jax.Arra
     rate·√steps: over a told T > H steps, the rate times √(H/T) keeps that spread what
     meta-training saw, while a persistent signal (a loss spike, steadily agreeing gradients)
     still moves it √(T/H) times further over the longer run. (Scaling by H/T instead, the
-    progress clock, slowed the back-off the digits MLPs need and sent them to chance at 5×:
-    docs/benchmarks.md, "The hypergradient clock".) 1 when not told (None or ≤ 0) or T ≤ H.
+    progress clock, slowed the back-off the digits MLPs need in the learned warm-up and blew
+    them up at 5×: docs/benchmarks.md, "The hypergradient clock".) 1 when not told (None or
+    ≤ 0) or T ≤ H.
+
+    >>> float(hypergradient_clock(1600, 400)), float(hypergradient_clock(300, 400))
+    (0.5, 1.0)
     """
     if total_steps is None:
         return jnp.ones((), jnp.float32)
