@@ -61,7 +61,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mnemosyne_core.registry_client import RegistryClient
+from mnemosyne_registry import RegistryClient
 
 # The registry client's channel options (message limits), so both streams run on the same settings.
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]

@@ -80,13 +80,13 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mnemosyne_core.registry_client import (
+from mnemosyne_registry import (
     IntegrityError,
     RegistryClient,
     RegistryClientError,
 )
-from mnemosyne_core.registry_client import registry_pb2 as pb
-from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
+from mnemosyne_registry import registry_pb2 as pb
+from mnemosyne_registry import registry_pb2_grpc as pb_grpc
 
 OPAQUE = {"compatibility": {"format": "opaque"}}
 MANUAL_ALIASES = ("prod", "canary")

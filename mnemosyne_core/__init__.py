@@ -14,8 +14,9 @@ is flat::
     updates, state = tx.update({"w": jax.numpy.ones(3)}, state, params)
 
 Names are resolved lazily so that ``import mnemosyne_core`` stays cheap and the
-optional parts (tasks with their data packages, the gRPC client) load only when
-used.
+optional parts (tasks with their data packages) load only when used. The gRPC
+registry client is a separate package (``mnemosyne_registry``) that depends on
+this one; ``load`` imports it only for a ``grpc://`` URI.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "OptimizerEntry": "mnemosyne_core.optimizers",
     # checkpoints
     "save": "mnemosyne_core.checkpoint",
-    "load": "mnemosyne_core.checkpoint",
+    "load": "mnemosyne_core.loading",  # a file, or a grpc:// URI through the registry client
     "to_bytes": "mnemosyne_core.checkpoint",
     "from_bytes": "mnemosyne_core.checkpoint",
     "CheckpointError": "mnemosyne_core.checkpoint",

@@ -238,14 +238,12 @@ def save(path: str | os.PathLike, theta: Any, config: Any, metadata: dict[str, A
 
 
 def load(path: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
-    """Read a checkpoint file, or a ``grpc://host:port/name@alias`` registry URI.
+    """Read a checkpoint file: ``(theta, config, metadata)``.
 
-    Returns ``(theta, config, metadata)``; raises a :class:`CheckpointError` subclass
-    for a file that is not a valid, compatible checkpoint.
+    Raises a :class:`CheckpointError` subclass for a file that is not a valid,
+    compatible checkpoint. This module reads files only; ``mnemosyne_core.load``
+    (:mod:`mnemosyne_core.loading`) also accepts registry URIs.
     """
-    if isinstance(path, str) and path.startswith(("grpc://", "grpcs://")):
-        # grpc is an optional extra: import the client only for registry URIs.
-        return importlib.import_module("mnemosyne_core.registry_client").load_uri(path)
     with open(path, "rb") as fh:
         data = fh.read()
     return from_bytes(data)

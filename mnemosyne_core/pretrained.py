@@ -70,15 +70,15 @@ def load_optimizer(spec: str) -> tuple[Any, Any, dict[str, Any]]:
     """``(theta, config, metadata)`` from a checkpoint path, a ``grpc://``/``grpcs://`` URI or a shipped name.
 
     A spec that is a URI, an existing file or has a file suffix is read with
-    :func:`mnemosyne_core.checkpoint.load` (``FileNotFoundError``/``CheckpointError``);
+    :func:`mnemosyne_core.loading.load` (``FileNotFoundError``/``CheckpointError``);
     anything else names a shipped optimizer (``PretrainedError``), so a directory
     called e.g. ``default`` in the working directory does not hide the shipped one. ``metadata["source"]``
     says where it came from (the spec, or ``pretrained:NAME``) unless the checkpoint set it.
     """
-    from mnemosyne_core import checkpoint
+    from mnemosyne_core import loading
 
-    if spec.startswith(("grpc://", "grpcs://")) or pathlib.Path(spec).suffix or pathlib.Path(spec).is_file():
-        theta, config, meta = checkpoint.load(spec)
+    if loading.is_registry_uri(spec) or pathlib.Path(spec).suffix or pathlib.Path(spec).is_file():
+        theta, config, meta = loading.load(spec)
         source = spec
     else:
         theta, config, meta = pretrained_theta(spec)

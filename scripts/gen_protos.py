@@ -2,7 +2,7 @@
 """Regenerate the registry's Python gRPC code from ``protos/``.
 
 ``protos/mnemosyne/registry/v1/registry.proto`` is compiled with the pinned
-``grpcio-tools`` into ``mnemosyne_core/registry_client/`` (``registry_pb2.py``,
+``grpcio-tools`` into ``mnemosyne_registry/`` (``registry_pb2.py``,
 ``registry_pb2.pyi``, ``registry_pb2_grpc.py``), and the standard
 ``protos/grpc/reflection/v1/reflection.proto`` into
 ``service/registry/reflection_v1/`` (:data:`TARGETS`). A generated gRPC module
@@ -46,7 +46,7 @@ class Target:
 
 
 TARGETS = (
-    Target("mnemosyne/registry/v1/registry.proto", ROOT / "mnemosyne_core" / "registry_client", "registry"),
+    Target("mnemosyne/registry/v1/registry.proto", ROOT / "mnemosyne_registry", "registry"),
     # grpcio-reflection implements only v1alpha; the server answers v1 with it (same messages).
     Target("grpc/reflection/v1/reflection.proto", ROOT / "service" / "registry" / "reflection_v1", "reflection"),
 )

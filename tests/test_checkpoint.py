@@ -209,12 +209,39 @@ def test_failing_save_leaves_no_partial_file(theta, tmp_path, monkeypatch, faili
 
 
 def test_grpc_uri_goes_to_the_registry_client(monkeypatch, theta):
+    from mnemosyne_core import loading
+
     calls = []
-    fake = types.ModuleType("mnemosyne_core.registry_client")
+    fake = types.ModuleType(loading.REGISTRY_CLIENT)
     fake.load_uri = lambda uri: calls.append(uri) or (theta, CONFIG, {"from": "registry"})
-    monkeypatch.setitem(sys.modules, "mnemosyne_core.registry_client", fake)
-    out = ckpt.load("grpc://127.0.0.1:5000/digits@latest")
+    monkeypatch.setitem(sys.modules, loading.REGISTRY_CLIENT, fake)
+    monkeypatch.setitem(sys.modules, f"{loading.REGISTRY_CLIENT}.client", types.ModuleType("client"))
+    out = loading.load("grpc://127.0.0.1:5000/digits@latest")
     assert calls == ["grpc://127.0.0.1:5000/digits@latest"] and out[2] == {"from": "registry"}
+    import mnemosyne_core
+
+    assert mnemosyne_core.load is loading.load  # the resolver, not checkpoint.load
+
+
+def test_checkpoint_module_reads_files_only(tmp_path, theta, monkeypatch):
+    # The file format knows nothing of registries: a URI is just a path that does not exist,
+    # and loading a file never imports the registry client.
+    from mnemosyne_core import loading
+
+    monkeypatch.setitem(sys.modules, loading.REGISTRY_CLIENT, None)  # importing it would raise
+    with pytest.raises(FileNotFoundError):
+        ckpt.load("grpc://127.0.0.1:5000/digits@latest")
+    path = tmp_path / "opt.msgpack"
+    ckpt.save(path, theta, CONFIG, {"k": 1})
+    assert loading.load(path)[2] == {"k": 1} and loading.load(str(path))[2] == {"k": 1}
+
+
+def test_registry_uri_without_the_client_is_a_clear_error(monkeypatch):
+    from mnemosyne_core import loading
+
+    monkeypatch.setitem(sys.modules, f"{loading.REGISTRY_CLIENT}.client", None)  # as if grpc were missing
+    with pytest.raises(loading.RegistryClientUnavailableError, match=r"mnemosyne\[grpc\]"):
+        loading.load("grpcs://registry.example.com:443/opt@best")
 
 
 def test_format_module_knows_every_checkpoint_kind():

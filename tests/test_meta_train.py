@@ -311,7 +311,7 @@ def test_heldout_mean_is_the_mean_of_the_heldout_ratio_after_each_chunk():
 
 def test_publish_to_registry_with_lineage_and_best_alias(tmp_path):
     pytest.importorskip("grpc")
-    from mnemosyne_core.registry_client import RegistryClient
+    from mnemosyne_registry import RegistryClient
     from service.demo import start_registry, stop
 
     proc, uri = start_registry(tmp_path / "registry", tmp_path / "registry.log")

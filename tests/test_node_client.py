@@ -25,7 +25,7 @@ import pytest
 
 from mnemosyne_core import checkpoint
 from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta
-from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
+from mnemosyne_registry import RegistryClient, RegistryClientError
 
 pytestmark = pytest.mark.xdist_group("registry")
 ROOT = Path(__file__).resolve().parent.parent

@@ -158,7 +158,7 @@ def test_serve_reports_a_busy_port(env, capsys, tmp_path):
 def test_serve_stops_gracefully_on_sigterm_ending_watches(tmp_path):
     import signal
 
-    from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
+    from mnemosyne_registry import RegistryClient, RegistryClientError
 
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))",

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import serialization
 
-from mnemosyne_core.registry_client import (
+from mnemosyne_registry import (
     IncompatibleVersionError,
     InvalidURIError,
     RegistryClient,
@@ -22,8 +22,8 @@ from mnemosyne_core.registry_client import (
     parse_uri,
     swap_theta,
 )
-from mnemosyne_core.registry_client import registry_pb2 as pb
-from mnemosyne_core.registry_client.artifacts import decode_checkpoint
+from mnemosyne_registry import registry_pb2 as pb
+from mnemosyne_registry.artifacts import decode_checkpoint
 from service.registry.server import create_server, shutdown
 
 pytestmark = pytest.mark.xdist_group("registry")
@@ -50,7 +50,7 @@ def test_uri_parsing():
 
 
 def test_parsing_uris_does_not_import_grpc():
-    code = ("import sys; from mnemosyne_core.registry_client import parse_uri; "
+    code = ("import sys; from mnemosyne_registry import parse_uri; "
             "parse_uri('grpc://h:1/x@best'); print('grpc' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -130,7 +130,7 @@ def test_load_uri_returns_what_checkpoint_load_returns(registry, tmp_path, monke
     checkpoint = pytest.importorskip(
         "mnemosyne_core.checkpoint", reason="mnemosyne_core.checkpoint is not in this checkout yet")
     from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta
-    from mnemosyne_core.registry_client import load_uri
+    from mnemosyne_registry import load_uri
 
     config = MnemosyneConfig()
     theta = init_theta(jax.random.key(0), config)
@@ -149,9 +149,10 @@ def test_load_uri_returns_what_checkpoint_load_returns(registry, tmp_path, monke
         jax.tree.map(np.testing.assert_array_equal, theta_got, expected[0])
         assert config_got == expected[1] and meta_got == expected[2]
     assert list(compat.required_extra_args) == expected_extra and version.metadata.lineage.run_id == "unit"
-    if hasattr(checkpoint, "load"):
-        theta_got, _, _ = checkpoint.load(f"{registry}/by-uri@best")  # delegates to load_uri
-        jax.tree.map(np.testing.assert_array_equal, theta_got, expected[0])
+    import mnemosyne_core as mn
+
+    theta_got, _, _ = mn.load(f"{registry}/by-uri@best")  # mnemosyne_core.loading delegates to load_uri
+    jax.tree.map(np.testing.assert_array_equal, theta_got, expected[0])
 
 
 def test_load_uri_accepts_a_checkpoint_from_an_older_release_and_checks_its_architecture(registry):
@@ -159,7 +160,7 @@ def test_load_uri_accepts_a_checkpoint_from_an_older_release_and_checks_its_arch
     # (they load with their defaults), and the record is copied from that header.
     from mnemosyne_core import checkpoint
     from mnemosyne_core.pretrained import PRETRAINED_DIR
-    from mnemosyne_core.registry_client import load_uri
+    from mnemosyne_registry import load_uri
 
     data = (PRETRAINED_DIR / "default_v1.msgpack").read_bytes()
     header, _ = checkpoint.read_header(data)

@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
-from mnemosyne_core.registry_client import registry_pb2 as pb
-from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
+from mnemosyne_registry import RegistryClient, RegistryClientError
+from mnemosyne_registry import registry_pb2 as pb
+from mnemosyne_registry import registry_pb2_grpc as pb_grpc
 
 OPAQUE = {"compatibility": {"format": "opaque"}}  # test bytes, not checkpoints
 

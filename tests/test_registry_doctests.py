@@ -15,11 +15,12 @@ MODULES = [
     "service.registry.storage",
     "service.registry.validation",
     "mnemosyne_core.checkpoint_format",
-    "mnemosyne_core.registry_client",
-    "mnemosyne_core.registry_client.errors",
-    "mnemosyne_core.registry_client.hotswap",
-    "mnemosyne_core.registry_client.uri",
-    "mnemosyne_core.registry_client.wire",
+    "mnemosyne_core.loading",
+    "mnemosyne_registry",
+    "mnemosyne_registry.errors",
+    "mnemosyne_registry.hotswap",
+    "mnemosyne_registry.uri",
+    "mnemosyne_registry.wire",
 ]
 
 

@@ -20,7 +20,7 @@ def test_check_detects_drift(tmp_path):
     (tmp_path / "scripts").mkdir()
     shutil.copy(SCRIPT, tmp_path / "scripts")
     shutil.copytree(ROOT / "protos", tmp_path / "protos")
-    shutil.copytree(ROOT / "mnemosyne_core" / "registry_client", tmp_path / "mnemosyne_core" / "registry_client",
+    shutil.copytree(ROOT / "mnemosyne_registry", tmp_path / "mnemosyne_registry",
                     ignore=shutil.ignore_patterns("__pycache__"))
     proto = tmp_path / "protos" / "mnemosyne" / "registry" / "v1" / "registry.proto"
     proto.write_text(proto.read_text().replace("message DeleteAliasResponse {}",
@@ -31,7 +31,7 @@ def test_check_detects_drift(tmp_path):
     # Regenerating fixes it, and the gRPC module's import is rewritten to a relative one.
     subprocess.run([sys.executable, str(tmp_path / "scripts" / "gen_protos.py")], check=True, capture_output=True)
     assert subprocess.run(check, check=False, capture_output=True).returncode == 0
-    grpc_module = (tmp_path / "mnemosyne_core" / "registry_client" / "registry_pb2_grpc.py").read_text()
+    grpc_module = (tmp_path / "mnemosyne_registry" / "registry_pb2_grpc.py").read_text()
     assert "from . import registry_pb2 as" in grpc_module and "from mnemosyne.registry" not in grpc_module
 
 

@@ -13,13 +13,13 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mnemosyne_core.registry_client import (
+from mnemosyne_registry import (
     IntegrityError,
     RegistryClient,
     RegistryClientError,
 )
-from mnemosyne_core.registry_client import registry_pb2 as pb
-from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
+from mnemosyne_registry import registry_pb2 as pb
+from mnemosyne_registry import registry_pb2_grpc as pb_grpc
 from service.registry.server import create_server, shutdown
 
 OPAQUE = {"compatibility": {"format": "opaque"}}  # test bytes, not checkpoints

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
+from mnemosyne_registry import RegistryClient, RegistryClientError
 from service.registry.server import create_server, shutdown
 
 OPAQUE = {"compatibility": {"format": "opaque"}}  # test bytes, not checkpoints
@@ -57,11 +57,11 @@ def test_tls_needs_cert_and_key(tmp_path):
 
 def test_grpcs_uris_trust_the_ca_in_the_environment(cert, tmp_path, monkeypatch):
     """``train-policy --optimizer`` and ``meta-train --init-from`` load ``grpcs://`` URIs through
-    ``checkpoint.load``, which takes no CA argument: ``$MNEMOSYNE_REGISTRY_CA`` supplies it."""
+    ``mnemosyne_core.load``, which takes no CA argument: ``$MNEMOSYNE_REGISTRY_CA`` supplies it."""
     import jax
     import numpy as np
 
-    from mnemosyne_core import checkpoint
+    from mnemosyne_core import loading
     from mnemosyne_core.pretrained import PRETRAINED_DIR, pretrained_theta
     from service.robotics.optimizers import OptimizerSpecError, resolve_optimizer
 
@@ -81,7 +81,7 @@ def test_grpcs_uris_trust_the_ca_in_the_environment(cert, tmp_path, monkeypatch)
         monkeypatch.setenv("MNEMOSYNE_REGISTRY_CA", str(crt))
         _, info = resolve_optimizer(uri)
         assert info["kind"] == "mnemosyne"
-        theta, _, _ = checkpoint.load(uri)
+        theta, _, _ = loading.load(uri)
         jax.tree.map(np.testing.assert_array_equal, theta, pretrained_theta("default_v1")[0])
         # The CA applies to grpcs:// only: a plaintext target stays plaintext.
         with RegistryClient(f"grpc://127.0.0.1:{plain_port}", timeout=5) as plain:

@@ -1,4 +1,4 @@
-"""Verified fetch (mnemosyne_core.registry_client.transfer) against fake streams, and the blob store's chunks.
+"""Verified fetch (mnemosyne_registry.transfer) against fake streams, and the blob store's chunks.
 
 No server: ``stream(name, ref, offset)`` is a function returning ``(Version, chunks)``,
 so broken, short, long and corrupt streams are easy to make.
@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-from mnemosyne_core.registry_client import registry_pb2 as pb
-from mnemosyne_core.registry_client.errors import IntegrityError, RegistryClientError
-from mnemosyne_core.registry_client.transfer import BackgroundHash, fetch_verified
+from mnemosyne_registry import registry_pb2 as pb
+from mnemosyne_registry.errors import IntegrityError, RegistryClientError
+from mnemosyne_registry.transfer import BackgroundHash, fetch_verified
 from service.registry.blobs import BlobStore
 
 DATA = os.urandom(5 * (1 << 16) + 321)
@@ -154,7 +154,7 @@ def test_blob_chunks_release_the_file_when_done(tmp_path):
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    from mnemosyne_core.registry_client import RegistryClient
+    from mnemosyne_registry import RegistryClient
     from service.registry.server import create_server, shutdown
 
     srv, port = create_server(tmp_path_factory.mktemp("transfer-registry"), port=0)
@@ -167,7 +167,7 @@ def target(tmp_path_factory):
 
 @pytest.fixture
 def client(target):
-    from mnemosyne_core.registry_client import RegistryClient
+    from mnemosyne_registry import RegistryClient
 
     with RegistryClient(target) as c:
         yield c

@@ -19,9 +19,9 @@ from google.protobuf import json_format
 
 from mnemosyne_core import checkpoint
 from mnemosyne_core.baselines import LSTMConfig, init_lstm_theta
-from mnemosyne_core.registry_client import IncompatibleVersionError, RegistryClient
-from mnemosyne_core.registry_client import registry_pb2 as pb
-from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
+from mnemosyne_registry import IncompatibleVersionError, RegistryClient
+from mnemosyne_registry import registry_pb2 as pb
+from mnemosyne_registry import registry_pb2_grpc as pb_grpc
 from service.registry.server import create_server, shutdown
 
 pytestmark = pytest.mark.xdist_group("registry")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mnemosyne_core.registry_client import RegistryClient, RegistryClientError
+from mnemosyne_registry import RegistryClient, RegistryClientError
 from service import cli
 from service.registry.server import create_server, shutdown
 

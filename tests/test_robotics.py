@@ -310,7 +310,7 @@ def test_cli_meta_fine_tunes_a_registry_optimizer_on_robotics_and_publishes(tmp_
     pytest.importorskip("grpc")
     from mnemosyne_core import checkpoint
     from mnemosyne_core.pretrained import PRETRAINED_DIR, pretrained_theta
-    from mnemosyne_core.registry_client import RegistryClient
+    from mnemosyne_registry import RegistryClient
     from service.demo import start_registry, stop
 
     cfg_path = tmp_path / "tiny_robotics.toml"

@@ -109,7 +109,7 @@ class _Publisher:
         if parsed.scheme != "grpc" or not parsed.hostname or not parsed.port or not name:
             raise CLIError(f"--publish needs grpc://HOST:PORT/NAME, got {uri!r}", 2)
         try:
-            from mnemosyne_core.registry_client import RegistryClient
+            from mnemosyne_registry import RegistryClient
         except ImportError as exc:
             raise CLIError(f"--publish needs the grpc extra: {exc}", 2) from exc
         self.client = RegistryClient(f"{parsed.hostname}:{parsed.port}", token=token)

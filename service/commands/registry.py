@@ -166,7 +166,7 @@ def _fsck(args) -> int:
 
 # -- client -------------------------------------------------------------------
 def _client(args):
-    from mnemosyne_core.registry_client import InvalidURIError, RegistryClient
+    from mnemosyne_registry import InvalidURIError, RegistryClient
 
     token = None
     if args.token_file:
@@ -185,7 +185,7 @@ def _client(args):
 
 def _run(args, action):
     """Run ``action(client)``, turning client errors into one-line CLI errors."""
-    from mnemosyne_core.registry_client import InvalidURIError, RegistryClientError
+    from mnemosyne_registry import InvalidURIError, RegistryClientError
 
     client = _client(args)
     try:
@@ -249,7 +249,7 @@ def _check_checkpoint(path: str, data: bytes) -> None:
 
 
 def _pull(args) -> int:
-    from mnemosyne_core.registry_client import parse_ref
+    from mnemosyne_registry import parse_ref
 
     def action(client):
         name, number, alias = parse_ref(args.ref)
@@ -297,7 +297,7 @@ def _alias(args) -> int:
 
 
 def _watch(args) -> int:
-    from mnemosyne_core.registry_client import RegistryClientError, parse_ref
+    from mnemosyne_registry import RegistryClientError, parse_ref
 
     if args.after < 0:
         raise CLIError("--after must be >= 0")

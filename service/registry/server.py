@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mnemosyne_core.registry_client import registry_pb2 as pb
+from mnemosyne_registry import registry_pb2 as pb
 
 from .auth import BearerTokenInterceptor
 from .blobs import DataDirLock

@@ -19,9 +19,9 @@ from concurrent import futures
 import grpc
 from google.protobuf import json_format
 
-from mnemosyne_core.registry_client import registry_pb2 as pb
-from mnemosyne_core.registry_client import registry_pb2_grpc as pb_grpc
-from mnemosyne_core.registry_client.wire import encode_chunk, serialize_response
+from mnemosyne_registry import registry_pb2 as pb
+from mnemosyne_registry import registry_pb2_grpc as pb_grpc
+from mnemosyne_registry.wire import encode_chunk, serialize_response
 
 from . import errors
 from .handlers import PublishSpec, Registry

@@ -4,7 +4,7 @@ Only imported on demand (``mnemosyne_core.load("grpc://...")`` or an explicit
 import), so ``import mnemosyne_core`` never pulls in gRPC. Names resolve
 lazily: parsing URIs and the error classes need no gRPC either.
 
->>> from mnemosyne_core.registry_client import parse_uri
+>>> from mnemosyne_registry import parse_uri
 >>> parse_uri("grpc://127.0.0.1:50051/mnemosyne@best").alias
 'best'
 
@@ -17,7 +17,7 @@ Hot-swapping a newer version into a running jitted loop (no recompilation:
 θ lives in the optimizer state, so only array values change)::
 
     import threading
-    from mnemosyne_core.registry_client import RegistryClient, swap_theta
+    from mnemosyne_registry import RegistryClient, swap_theta
 
     client = RegistryClient("grpc://127.0.0.1:50051")
     theta, config, _ = client.fetch_theta("mnemosyne-digits", "production")

@@ -7,7 +7,7 @@ and parsing that by hand avoids two 1 MiB copies per message on each side
 difference between the registry's fetch and a raw gRPC byte stream. Anything
 that is not exactly one chunk field is handed to protobuf.
 
->>> from mnemosyne_core.registry_client import registry_pb2 as pb
+>>> from mnemosyne_registry import registry_pb2 as pb
 >>> encode_chunk(b"abc") == pb.FetchResponse(chunk=b"abc").SerializeToString()
 True
 >>> bytes(decode_fetch_response(encode_chunk(b"abc")))

@@ -71,7 +71,7 @@ class RegistryClient:
         if tls_ca is None and tls:
             # Only for grpcs://: a CA in the environment must not turn a plaintext
             # grpc:// target into TLS. This is how URIs loaded through
-            # checkpoint.load (train-policy --optimizer, meta-train --init-from)
+            # mnemosyne_core.load (train-policy --optimizer, meta-train --init-from)
             # reach a registry behind a private CA.
             env_ca = os.environ.get("MNEMOSYNE_REGISTRY_CA") or None
             try:

@@ -14,7 +14,8 @@ import hashlib
 import json
 from typing import Any
 
-from .. import checkpoint_format
+from mnemosyne_core import checkpoint_format
+
 from . import registry_pb2 as pb
 from .errors import IncompatibleVersionError, IntegrityError, RegistryClientError
 
