@@ -59,6 +59,15 @@ class MnemosyneConfig:
     ``hypergradient`` and ``progress_schedule``. ``direction_correction=False`` (``tensor``) drops the learned
     per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
+    ``memory_step_size`` (``tensor`` only, instead of ``hypergradient``) hands the per-tensor log
+    step size to the memory: every step, HPE → CAM read the tensor's recent history (token statistics,
+    the current log step size, the cosine between the new gradient and the last direction, the
+    progress) and a learned read-out of each meta-token gives a change of log step size,
+    ``memory_step_rate``·tanh(·) per step, averaged over the tensor's meta-tokens and kept in
+    ``[min_log_lr, max_log_lr]``. A fresh θ reads out 0: a constant step size α·e^``init_log_lr``
+    (with the default config, Adam at α). What the memory learned is all of the step-size control, so
+    :func:`~mnemosyne_core.ablate` of ``"memory"`` shows what it buys.
+
     ``progress_schedule`` (``tensor`` only) lets the optimizer use the training progress
     p = t/T when the caller tells it the horizon (``update(..., total_steps=T)``): p and a
     "horizon known" flag join the HPE token features (so CAM's memory sees them) and the
@@ -99,6 +108,8 @@ class MnemosyneConfig:
     step_ceiling_from: int = 0
     hypergradient_horizon: int = 0
     direction_correction: bool = True
+    memory_step_size: bool = False
+    memory_step_rate: float = 0.1
     progress_schedule: bool = False
     schedule_knots: int = 5
     schedule_min_log: float = -7.0
@@ -148,6 +159,11 @@ class MnemosyneConfig:
                 raise ValueError(f"{name} must be a finite positive number, got {value}")
         if self.hypergradient and self.variant != "tensor":
             raise ValueError("hypergradient=True is implemented for the 'tensor' variant only")
+        if self.memory_step_size and self.variant != "tensor":
+            raise ValueError("memory_step_size=True is implemented for the 'tensor' variant only")
+        if self.memory_step_size and self.hypergradient:
+            raise ValueError("memory_step_size and hypergradient are two rules for the same per-tensor step "
+                             "size: choose one")
         if self.progress_schedule and self.variant != "tensor":
             raise ValueError("progress_schedule=True is implemented for the 'tensor' variant only")
         if self.schedule_knots < 2:
@@ -156,7 +172,7 @@ class MnemosyneConfig:
                 and self.schedule_min_log <= 0.0 <= self.schedule_max_log):
             raise ValueError("need finite schedule_min_log ≤ 0 ≤ schedule_max_log, got "
                              f"{self.schedule_min_log}, {self.schedule_max_log}")
-        for name in ("hypergradient_rate", "hypergradient_down"):
+        for name in ("hypergradient_rate", "hypergradient_down", "memory_step_rate"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")

@@ -51,12 +51,14 @@ from mnemosyne_core.hpe import (
 __all__ = [
     "TensorMemory",
     "coordinate_cam",
+    "hypergradient_cosine",
     "hypergradient_log_lr",
     "hypergradient_sums",
     "init_coordinate_theta",
     "init_tensor_memory",
     "init_tensor_theta",
     "inverse_softplus",
+    "memory_log_lr",
     "pool_leaf",
     "preprocess",
     "progress_features",
@@ -109,6 +111,7 @@ def init_tensor_theta(
     hypergradient: bool = False,
     direction_correction: bool = True,
     schedule_knots: int = 0,
+    memory_step_size: bool = False,
 ) -> dict:
     """θ of the ``tensor`` variant: HPE, CAM projections + τ, per-coordinate head.
 
@@ -119,6 +122,9 @@ def init_tensor_theta(
     per-chunk log step size (``w_s``, ``b_s``): HPE/CAM set how far each chunk
     moves and the direction is Adam's. ``schedule_knots`` > 0 adds ``sched.knots``: the
     learned log step-size schedule over the training progress (zeros: no schedule).
+    ``memory_step_size`` adds ``ctrl``: the read-out of the per-tensor log step-size change from
+    HPE/CAM (``w``, ``b``) and the offset of the initial log step size (``log_lr0``), all zero: a
+    fresh θ keeps a constant step size.
     """
     k_hpe, k_cam, k_ctx, k_w1 = jax.random.split(key, 4)
     ctx_in = value_width + width + extra_ctx
@@ -142,6 +148,9 @@ def init_tensor_theta(
     }
     if hypergradient:
         theta["hd"] = {name: jnp.zeros((), jnp.float32) for name in ("log_kappa", "drift", "log_lr0")}
+    if memory_step_size:
+        theta["ctrl"] = {"w": jnp.zeros((ctx_in,), jnp.float32), "b": jnp.zeros((), jnp.float32),
+                         "log_lr0": jnp.zeros((), jnp.float32)}
     if schedule_knots:
         theta["sched"] = {"knots": jnp.zeros((schedule_knots,), jnp.float32)}
     return theta
@@ -235,7 +244,8 @@ class TensorMemory(NamedTuple):
 
     cam: CAMState
     token_moments: jax.Array
-    log_lr: jax.Array  # (L,) per-tensor log step size relative to α (hypergradient; else 0)
+    log_lr: jax.Array  # (L,) per-tensor log step size relative to α (hypergradient or memory; else 0)
+    hg_cos: jax.Array  # (L,) cos(g_t, u_{t-1}) of the last step: the memory's step-size signal (else 0)
 
 
 def init_tensor_memory(
@@ -246,6 +256,7 @@ def init_tensor_memory(
         cam=cam_init((num_leaves * num_chunks,), num_features, value_width),
         token_moments=jnp.zeros((num_leaves, num_chunks, tokens_per_chunk, 3), jnp.float32),
         log_lr=jnp.full((num_leaves,), log_lr, jnp.float32),
+        hg_cos=jnp.zeros((num_leaves,), jnp.float32),
     )
 
 
@@ -265,11 +276,31 @@ def hypergradient_log_lr(hd: dict, log_lr: jax.Array, sums: jax.Array, *, rate: 
     when the cosine is negative: backing off faster than speeding up (as Rprop
     does) damps a loss spike before it compounds.
     """
-    dot, gg, uu = sums[:, 0], sums[:, 1], sums[:, 2]
-    cos = dot * jax.lax.rsqrt(jnp.maximum(gg * uu, 1e-30))
-    cos = jnp.where(gg * uu > 0, jnp.clip(cos, -1.0, 1.0), 0.0)
+    cos = hypergradient_cosine(sums)
     cos = jnp.where(cos < 0, down * cos, cos)
     step = rate * jnp.exp(hd["log_kappa"]) * cos + DRIFT_SCALE * hd["drift"]
+    return jnp.clip(log_lr + step, bounds[0], bounds[1])
+
+
+def hypergradient_cosine(sums: jax.Array) -> jax.Array:
+    """cos(g_t, u_{t-1}) per tensor from ``sums (L, 3)`` = (g·u, g·g, u·u); 0 where either is 0.
+
+    Positive while successive steps agree (the step could be larger), negative when the new
+    gradient undoes the last step (it was too large): the sign of −∂L/∂log α (Baydin et al., 2018).
+    """
+    dot, gg, uu = sums[:, 0], sums[:, 1], sums[:, 2]
+    cos = dot * jax.lax.rsqrt(jnp.maximum(gg * uu, 1e-30))
+    return jnp.where(gg * uu > 0, jnp.clip(cos, -1.0, 1.0), 0.0)
+
+
+def memory_log_lr(ctrl_out: jax.Array, log_lr: jax.Array, *, rate: float,
+                  bounds: tuple[float, float]) -> jax.Array:
+    """Next per-tensor log step size from the memory's read-out ``ctrl_out (L, b)``.
+
+    Each meta-token proposes a change ``rate·tanh(out)`` (bounded per step, so no single read can
+    throw the step size far); the tensor moves by their mean, inside ``bounds``.
+    """
+    step = rate * jnp.mean(jnp.tanh(ctrl_out), axis=-1)
     return jnp.clip(log_lr + step, bounds[0], bounds[1])
 
 
@@ -285,7 +316,8 @@ def pool_leaf(g: jax.Array, layout: ChunkLayout) -> tuple[jax.Array, jax.Array]:
 
 
 def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: float,
-                    log_lr: jax.Array | None = None, extra: jax.Array | None = None) -> jax.Array:
+                    log_lr: jax.Array | None = None, extra: jax.Array | None = None,
+                    hg_cos: jax.Array | None = None) -> jax.Array:
     """Token statistics (tiny arrays: the nonlinearities are free here).
 
     The first three are invariant to the gradient's scale. The fourth is the
@@ -307,6 +339,8 @@ def _token_features(means: jax.Array, moments: jax.Array, corr: tuple, eps: floa
         g * jax.lax.rsqrt(gsq + 1e-30),  # gradient coherence inside the token, in [-1, 1]
         fourth,
     ]
+    if hg_cos is not None:  # the tensor's last hypergradient cosine (memory step size)
+        feats.append(jnp.broadcast_to(hg_cos[:, None, None], rms.shape))
     if extra is not None:  # global features (the training progress), the same for every token
         feats.extend(jnp.broadcast_to(extra[i], rms.shape) for i in range(extra.shape[0]))
     return jnp.stack(feats, axis=-1)
@@ -328,7 +362,8 @@ def tensor_context(
     scale_free: bool = False,
     max_log_gain: float = 0.0,
     token_extra: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, TensorMemory, jax.Array]:
+    memory_step: bool = False,
+) -> tuple[jax.Array, jax.Array, TensorMemory, jax.Array, jax.Array | None]:
     """HPE → CAM → per-chunk head context and step-size gain for all tensors at once.
 
     ``means (L, b, T, K)`` from :func:`pool_leaf` stacked over the L tensors;
@@ -338,6 +373,9 @@ def tensor_context(
     that is False if any gradient entry was non-finite (a non-finite entry
     makes its token's sums non-finite, so this check costs nothing extra).
     ``token_extra`` (K',) global features appended to every token before HPE.
+    With ``memory_step`` the tokens also carry the last hypergradient cosine, and the fifth value
+    is the read-out ``(L, b)`` of ``theta["ctrl"]`` that :func:`memory_log_lr` turns into the next
+    log step size (else None).
     """
     num_leaves, b, t, _ = means.shape
     finite = jnp.all(jnp.isfinite(means))
@@ -349,7 +387,7 @@ def tensor_context(
         axis=-1,
     )
     tokens = _token_features(means, moments, bias_corrections, eps, memory.log_lr if scale_free else None,
-                             token_extra)
+                             token_extra, memory.hg_cos if memory_step else None)
     # Spatial encoder: chunked bidirectional Performer + pooling → b meta-tokens per tensor.
     meta = encode(theta["hpe"], tokens.reshape(num_leaves * b, t, -1), mask.reshape(num_leaves * b, t), omega_hpe)
     # Temporal encoder: one CAM stream per meta-token (Eqs. 2, 4, 5).
@@ -375,7 +413,11 @@ def tensor_context(
         log_gain = max_log_gain * jnp.tanh(log_gain / max_log_gain)
     gain = jnp.exp(log_gain)
     gain = gain.reshape(num_leaves, b) * jnp.exp(memory.log_lr)[:, None]
-    return ctx.reshape(num_leaves, b, -1), gain, TensorMemory(cam_state, moments, memory.log_lr), finite
+    ctrl_out = None
+    if memory_step:
+        ctrl_out = (features @ theta["ctrl"]["w"] + theta["ctrl"]["b"]).reshape(num_leaves, b)
+    new_memory = memory._replace(cam=cam_state, token_moments=moments)
+    return ctx.reshape(num_leaves, b, -1), gain, new_memory, finite, ctrl_out
 
 
 def tensor_head(

@@ -39,11 +39,13 @@ from mnemosyne_core.head import (
     ceiling_progress,
     coordinate_cam,
     hypergradient_clock,
+    hypergradient_cosine,
     hypergradient_log_lr,
     hypergradient_sums,
     init_coordinate_theta,
     init_tensor_memory,
     init_tensor_theta,
+    memory_log_lr,
     pool_leaf,
     preprocess,
     progress_features,
@@ -91,7 +93,8 @@ def _num_coord_features(config: MnemosyneConfig) -> int:
 
 
 def _num_token_features(config: MnemosyneConfig) -> int:
-    return 4 + (2 if config.progress_schedule else 0)  # see head._token_features (+ progress)
+    # see head._token_features (+ the last hypergradient cosine, + progress)
+    return 4 + (1 if config.memory_step_size else 0) + (2 if config.progress_schedule else 0)
 
 
 def _num_global_features(config: MnemosyneConfig) -> int:
@@ -117,6 +120,7 @@ def init_theta(key: jax.Array, config: MnemosyneConfig) -> dict:
             hypergradient=config.hypergradient,
             direction_correction=config.direction_correction,
             schedule_knots=config.schedule_knots if config.progress_schedule else 0,
+            memory_step_size=config.memory_step_size,
         )
     return init_coordinate_theta(
         key,
@@ -215,9 +219,9 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                    for name in _moment_names(config)}
         if config.variant == "tensor":
             log_lr0 = 0.0
-            if config.hypergradient:
-                log_lr0 = jnp.clip(config.init_log_lr + theta["hd"]["log_lr0"], config.min_log_lr,
-                                   config.max_log_lr)
+            if config.hypergradient or config.memory_step_size:
+                offset = theta["hd" if config.hypergradient else "ctrl"]["log_lr0"]
+                log_lr0 = jnp.clip(config.init_log_lr + offset, config.min_log_lr, config.max_log_lr)
             memory = init_tensor_memory(len(leaves), config.num_meta_tokens, config.tokens_per_chunk,
                                         config.num_features, config.value_width, log_lr0)
         else:
@@ -297,12 +301,13 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
             pooled = [pool_leaf(g, lay) if g.size else _empty_tokens(config) for g, lay in zip(g32s, layouts)]
             means = jnp.stack([m for m, _ in pooled]) if pooled else None
             if pooled:
-                ctx, gain, memory, finite = tensor_context(
+                ctx, gain, memory, finite, ctrl_out = tensor_context(
                     theta_s, means, jnp.stack([k for _, k in pooled]), state.memory, omega_hpe, omega_cam,
                     betas=(b1, b2, bv), bias_corrections=corr, eps=config.eps,
                     magnitude_scale=config.magnitude_scale, global_ctx=global_ctx,
-                    scale_free=config.hypergradient, max_log_gain=config.max_log_gain,
-                    token_extra=progress,
+                    scale_free=config.hypergradient or config.memory_step_size,
+                    max_log_gain=config.max_log_gain, token_extra=progress,
+                    memory_step=config.memory_step_size,
                 )
                 if progress is not None:
                     gain = gain * jnp.exp(progress_log_schedule(
@@ -349,7 +354,7 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                     theta_s["head"], ctx[i], gain[i], g, m1, m2, v, params32[i], layouts[i],
                     bias_corrections=corr, eps=config.eps,
                 ))
-                if config.hypergradient:
+                if config.hypergradient or config.memory_step_size:
                     gg = jnp.sum(means[i, ..., 1] * layouts[i].token_counts())  # Σ mean·count = Σg²
                     hd_sums.append(hypergradient_sums(g, moments["m1"][i], v, gg, cv=cv, eps=config.eps))
             if config.hypergradient and pooled:
@@ -366,6 +371,14 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                     theta_s["hd"], state.memory.log_lr, jnp.stack(hd_sums), rate=rate,
                     bounds=(config.min_log_lr, config.max_log_lr), down=config.hypergradient_down)
                 new_memory = new_memory._replace(log_lr=jnp.where(ok, log_lr, state.memory.log_lr))
+            if config.memory_step_size and pooled:
+                # The memory's read-out sets the next step size; this step's cosine (g_t against
+                # the last direction) is what the memory reads next step.
+                log_lr = memory_log_lr(ctrl_out, state.memory.log_lr, rate=config.memory_step_rate,
+                                       bounds=(config.min_log_lr, config.max_log_lr))
+                hg_cos = hypergradient_cosine(jnp.stack(hd_sums))
+                new_memory = new_memory._replace(log_lr=jnp.where(ok, log_lr, state.memory.log_lr),
+                                                 hg_cos=jnp.where(ok, hg_cos, state.memory.hg_cos))
         else:
             new_moments = {"m1": [], "v": []}
             memories = []

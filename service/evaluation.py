@@ -23,8 +23,10 @@ The columns:
 * ``sgd_m(lr)`` (momentum 0.9) over a grid, and the tuning-free ``optax.contrib.prodigy``;
 * for every learned optimizer ``L``: ``L`` as today (one long run); ``L[fresh]``,
   the same config with a never meta-trained θ
-  (``LearnedOptimizer.for_config(config).init_theta(jax.random.key(0))``), vmapped
-  with θ in the same compiled program; for Mnemosyne configs that read the
+  (``LearnedOptimizer.for_config(config).init_theta(jax.random.key(0))``), and
+  ``L[-part]`` for each learned part (:func:`mnemosyne_core.ablation_parts`: the
+  memory, the schedule, …) with that part put back to the fresh θ's
+  (:func:`mnemosyne_core.ablate`), all vmapped with θ in the same compiled program; for Mnemosyne configs that read the
   training progress (``progress_schedule``) ``L+T`` / ``L[fresh]+T``, told the
   horizon (``update(..., total_steps=T)``, a run per horizon); for Mnemosyne
   configs ``L+cos`` / ``L[fresh]+cos``, the learned direction under
@@ -32,8 +34,8 @@ The columns:
   run per horizon, untuned peak).
 
 :func:`summarise` gives, per learned column and horizon, the wins against
-Adam-best, cosine-best, Adam(1e-3) and the fresh θ, and the geometric-mean
-final-loss ratios to cosine-best and to the fresh θ with standard errors.
+Adam-best, cosine-best, Adam(1e-3), the fresh θ and each ablation, and the geometric-mean
+final-loss ratios to cosine-best, to the fresh θ and to each ablation with standard errors.
 ``run_suite`` returns a JSON-able dict; ``format_table`` and ``plot_curves``
 render it.
 
@@ -42,6 +44,8 @@ Example:
     'digits_mlp'
     >>> variant("default", fresh=True, mode="cos")
     'default[fresh]+cos'
+    >>> variant("default", ablated="memory", mode="told")
+    'default[-memory]+T'
 """
 from __future__ import annotations
 
@@ -90,11 +94,13 @@ def suite_specs(name: str) -> list[TaskSpec]:
     raise KeyError(f"unknown suite {name!r}; known: {sorted(set(SUITES) | {'heldout'})}")
 
 
-def variant(label: str, *, fresh: bool = False, mode: str = "plain") -> str:
-    """The column name of a learned optimizer's variant: ``label[fresh]+T`` etc."""
+def variant(label: str, *, fresh: bool = False, mode: str = "plain", ablated: str | None = None) -> str:
+    """The column name of a learned optimizer's variant: ``label[fresh]+T``, ``label[-memory]`` etc."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-    return label + ("[fresh]" if fresh else "") + MODES[mode]
+    if fresh and ablated:
+        raise ValueError("a column is the fresh θ or an ablation, not both")
+    return label + ("[fresh]" if fresh else f"[-{ablated}]" if ablated else "") + MODES[mode]
 
 
 def cosine_schedule(peak: Any, total_steps: Any) -> Callable[[Any], Any]:
@@ -128,6 +134,25 @@ class Learned:
     def fresh_theta(self) -> Any:
         """A never meta-trained θ of the same config (the ablation's reference)."""
         return self.optimizer.init_theta(jax.random.key(0))
+
+    def parts(self) -> tuple[str, ...]:
+        """The learned parts that get an ablation column (:func:`mnemosyne_core.ablation_parts`)."""
+        from mnemosyne_core.ablation import ablation_parts
+
+        return ablation_parts(self.config)
+
+    def thetas(self, mode: str) -> list[Any]:
+        """θ of each column of ``mode``, in :meth:`columns` order: trained, fresh, each ablation
+        (ablations in the plain and told modes; direction mode keeps trained and fresh)."""
+        from mnemosyne_core.ablation import ablate
+
+        parts = self.parts() if mode != "cos" else ()
+        return [self.theta, self.fresh_theta(), *(ablate(self.theta, self.config, p) for p in parts)]
+
+    def columns(self, mode: str) -> list[str]:
+        parts = self.parts() if mode != "cos" else ()
+        return [variant(self.label, mode=mode), variant(self.label, fresh=True, mode=mode),
+                *(variant(self.label, mode=mode, ablated=p) for p in parts)]
 
     def modes(self) -> tuple[str, ...]:
         """The columns this optimizer gets: ``plain``; ``told`` if it reads ``total_steps``;
@@ -179,10 +204,10 @@ def _families(include: Sequence[str], learned: Sequence[Learned]) -> list[_Famil
         fams.append(_Family(("prodigy",), lambda _, __: optax.with_extra_args_support(optax.contrib.prodigy(1.0)),
                             unused))
     for lrn in learned:
-        thetas = _stack(lrn.theta, lrn.fresh_theta())  # one program for the trained and the fresh θ
         opt = lrn.optimizer
         for mode in lrn.modes():
-            names = (variant(lrn.label, mode=mode), variant(lrn.label, fresh=True, mode=mode))
+            # one program for the trained, the fresh and the ablated θ
+            thetas, names = _stack(*lrn.thetas(mode)), tuple(lrn.columns(mode))
             if mode == "cos":
                 from mnemosyne_core.mnemosyne import scheduled
 
@@ -296,8 +321,7 @@ def run_suite(specs: Sequence[TaskSpec], learned: Sequence[Learned], *, steps: i
     if len(set(labels)) != len(labels) or any(n.startswith(("adam", "sgd_m", "prodigy")) for n in labels):
         raise ValueError(f"learned optimizer labels must be distinct and not baseline names, got {labels}")
     smooth = max(1, steps // 20)
-    columns = {lrn.label: [variant(lrn.label, fresh=f, mode=m) for m in lrn.modes() for f in (False, True)]
-               for lrn in learned}
+    columns = {lrn.label: [c for m in lrn.modes() for c in lrn.columns(m)] for lrn in learned}
     out: dict[str, Any] = {"config": {"steps": steps, "seeds": seeds, "horizons": horizons,
                                       "tail_fraction": TAIL_FRACTION, "smooth": smooth,
                                       "adam_lrs": list(ADAM_LRS), "sgd_lrs": list(SGD_LRS),
@@ -485,7 +509,10 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
     horizons = list(next(iter(tasks.values()))["horizons"])
     for label, cols in results["config"].get("learned", {}).items():
         for col in cols:
-            fresh = None if "[fresh]" in col else col.replace(label, label + "[fresh]", 1)
+            base = not col[len(label):].startswith("[")  # the trained θ, not its fresh θ or an ablation
+            fresh = col.replace(label, label + "[fresh]", 1) if base else None
+            ablations = {c[len(label) + 2:c.index("]")]: c for c in cols
+                         if base and c.startswith(label + "[-") and c[c.index("]") + 1:] == col[len(label):]}
             for h in horizons:
                 rows = [t["horizons"][h] for t in tasks.values()]
 
@@ -509,6 +536,12 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
                     entry["wins_vs_fresh"] = wins(lambda r, f=fresh: f, strict=True)
                     entry["vs_fresh"] = _ratio_stats(*_log_ratios(rows, col, lambda r, f=fresh: f))
                     entry["clear_vs_fresh"] = _clear(rows, col, lambda r, f=fresh: f)
+                if ablations:
+                    entry["vs_ablated"] = {
+                        part: {"wins": wins(lambda r, a=name: a, strict=True),
+                               **_ratio_stats(*_log_ratios(rows, col, lambda r, a=name: a)),
+                               "clear": _clear(rows, col, lambda r, a=name: a)}
+                        for part, name in ablations.items()}
                 out.append(entry)
     return out
 
@@ -536,6 +569,9 @@ def format_summary(summary: Sequence[dict[str, Any]]) -> list[str]:
         text += f"; loss ÷ cosine-best {_ratio_text(e['vs_cos'])}"
         if "vs_fresh" in e:
             text += f"; ÷ fresh θ {_ratio_text(e['vs_fresh'])}"
+        for part, stats in e.get("vs_ablated", {}).items():
+            text += (f"; < without its {part} on {stats['wins']}/{n}, ÷ without {part} {_ratio_text(stats)}"
+                     f" [{stats['clear']['better']} lower / {stats['clear']['worse']} higher beyond 2 s.e.]")
         lines.append(text)
         if "clear_vs_adam_best" in e:
             parts = [(what, e[key]) for what, key in (("Adam-best", "clear_vs_adam_best"),

@@ -55,7 +55,8 @@ def test_fresh_column_is_the_same_run_with_a_fresh_theta(quick_results):
         seeds = task["horizons"][h]["final_train_loss_seeds"]
         assert seeds["fresh"] == pytest.approx(seeds["fresh[fresh]"], rel=1e-6)
         assert seeds["fresh+cos"] == pytest.approx(seeds["fresh[fresh]+cos"], rel=1e-6)
-    assert quick_results["config"]["learned"]["fresh"] == ["fresh", "fresh[fresh]", "fresh+cos", "fresh[fresh]+cos"]
+    assert quick_results["config"]["learned"]["fresh"] == ["fresh", "fresh[fresh]", "fresh[-memory]", "fresh+cos",
+                                                           "fresh[fresh]+cos"]
 
 
 def _manual_final(task, make_tx, steps: int, seed: int, **extra) -> float:
@@ -109,7 +110,9 @@ def progress_results():
 def test_told_and_schedule_columns(progress_results):
     results, learned = progress_results
     cols = results["config"]["learned"]["ours"]
-    assert cols == ["ours", "ours[fresh]", "ours+T", "ours[fresh]+T", "ours+cos", "ours[fresh]+cos"]
+    parts = ["memory", "schedule", "initial_step", "hypergradient"]
+    assert cols == ["ours", "ours[fresh]", *(f"ours[-{p}]" for p in parts),
+                    "ours+T", "ours[fresh]+T", *(f"ours[-{p}]+T" for p in parts), "ours+cos", "ours[fresh]+cos"]
     task_res = next(iter(results["tasks"].values()))
     seeds = task_res["horizons"]["1"]["final_train_loss_seeds"]
     assert seeds["ours[fresh]+T"] == pytest.approx(seeds["ours[fresh]"], rel=1e-6)  # fresh θ ignores T
@@ -120,6 +123,26 @@ def test_told_and_schedule_columns(progress_results):
     sched = _manual_final(task, lambda: mn.scheduled(learned.theta, learned.config,
                                                      optax.cosine_decay_schedule(1e-2, 20)), 20, 1)
     assert seeds["ours+cos"][1] == pytest.approx(sched, rel=1e-4)
+
+
+def test_ablation_columns_run_the_ablated_theta(progress_results):
+    # θ here is a fresh θ plus a learned schedule: without its schedule it is its fresh θ, and
+    # without its (never trained, zero) memory read-outs it is itself — seed for seed.
+    results, learned = progress_results
+    for task_res in results["tasks"].values():
+        seeds = task_res["horizons"]["1"]["final_train_loss_seeds"]
+        assert seeds["ours[-schedule]+T"] == pytest.approx(seeds["ours[fresh]+T"], rel=1e-6)
+        assert seeds["ours[-memory]+T"] == pytest.approx(seeds["ours+T"], rel=1e-6)
+        assert seeds["ours[-schedule]+T"] != pytest.approx(seeds["ours+T"], rel=1e-3)
+    entry = next(e for e in results["summary"] if e["optimizer"] == "ours+T")
+    assert set(entry["vs_ablated"]) == {"memory", "schedule", "initial_step", "hypergradient"}
+    rows = [t["horizons"]["1"] for t in results["tasks"].values()]
+    logs = [math.log(r["final_train_loss"]["ours+T"] / r["final_train_loss"]["ours[-schedule]+T"]) for r in rows]
+    assert entry["vs_ablated"]["schedule"]["geomean"] == pytest.approx(math.exp(np.mean(logs)), rel=1e-6)
+    assert entry["vs_ablated"]["schedule"]["wins"] == sum(x < 0 for x in logs)
+    assert entry["vs_ablated"]["memory"]["wins"] == 0  # identical runs: never strictly lower
+    assert "vs_ablated" not in next(e for e in results["summary"] if e["optimizer"] == "ours[-memory]+T")
+    assert "without its schedule" in evaluation.format_table(results)
 
 
 def test_summary_lines_are_computed_from_the_task_rows(progress_results):
