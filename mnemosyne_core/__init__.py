@@ -35,6 +35,10 @@ _EXPORTS: dict[str, str] = {
     "mnemosyne": "mnemosyne_core.mnemosyne",
     "scale_by_mnemosyne": "mnemosyne_core.mnemosyne",
     "scheduled": "mnemosyne_core.mnemosyne",
+    # ablations: what each learned part buys
+    "ablate": "mnemosyne_core.ablation",
+    "ablation_parts": "mnemosyne_core.ablation",
+    "AblationError": "mnemosyne_core.ablation",
     # building blocks
     "hyperbolic_features": "mnemosyne_core.favor",
     "orthogonal_directions": "mnemosyne_core.favor",
