@@ -6,23 +6,49 @@ taking the parsed args and returning an exit code). Commands whose optional
 dependencies are not installed are left out instead of breaking ``--help``.
 
 Errors meant for the user are raised as :class:`CLIError`; ``main`` prints them
-as one line on stderr and exits with their code.
+as one line on stderr and exits with their code. Exit codes: 0 ok, 1 failure (the
+work, or a service it needs, failed), 2 usage (bad arguments, config or input),
+130 interrupted. Any other exception is one line and exit 1 as well
+(``MNEMOSYNE_TRACEBACK=1`` re-raises it with its traceback).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = ("meta_train", "evaluate", "registry", "robotics")
+
+
+# Exit codes of every command (README): 0 ok, 1 failure (the work or a service it needs failed),
+# 2 usage (bad arguments, config or input), 130 interrupted.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+UNREACHABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code ``code``."""
 
     def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the cause's text held
         self.code = code
+
+
+def service_error(exc: BaseException | None) -> BaseException | None:
+    """The registry (gRPC) error in ``exc``'s cause chain whose code says the service could not be
+    reached (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``), or ``None``: an unreachable service is a
+    failure (exit 1), not a usage error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "code", None)
+        if callable(code):  # a raw grpc.RpcError
+            code = getattr(code(), "name", None)
+        if code in UNREACHABLE_CODES:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         print("mnemosyne: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("MNEMOSYNE_TRACEBACK"):
+            raise
+        text = " ".join(str(exc).split()) or "(no message)"
+        kind = "cannot reach the service" if service_error(exc) is not None else type(exc).__name__
+        print(f"mnemosyne: error: {kind}: {text} (MNEMOSYNE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

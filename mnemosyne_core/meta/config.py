@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -33,6 +34,8 @@ __all__ = [
     "OptimizerSection",
     "OuterConfig",
     "TaskConfig",
+    "check_tasks",
+    "config_path",
     "load_config",
 ]
 
@@ -68,6 +71,52 @@ def _thaw(value: Any) -> Any:
     return value
 
 
+# What each field's value must be, by its annotation; the range, where there is one, is said in
+# the same message ("generations must be an integer ≥ 0, got 'x'"). Fields added later are
+# type-checked by their annotation without any change here.
+_RANGES = {
+    "generations": "≥ 0", "checkpoint_every": "≥ 1", "publish_every": "≥ 0",
+    "stop_after_failed_generations": "≥ 1", "num_pairs": "≥ 1", "truncation": "≥ 1",
+    "batch_pairs": "≥ 1", "sigma": "> 0", "learning_rate": "> 0", "clip": "> 0",
+    "max_log_ratio": "> 0", "grad_clip": "> 0", "b1": "in [0, 1)", "b2": "in [0, 1)",
+    "untold_fraction": "in [0, 1]", "min_unroll": "≥ 1", "max_unroll": "≥ 1",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_field_types(obj: Any, section: str = "") -> None:
+    """Each ``int``/``float``/``str``/``bool`` field of a config dataclass holds that type
+    (a TOML ``generations = "x"`` is refused here, not by a comparison deep inside)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        where = f"{section}.{f.name}" if section else f.name
+        rng = f" {_RANGES[f.name]}" if f.name in _RANGES else ""
+        if kind == "int" and not _is_int(value):
+            raise ConfigError(f"{where} must be an integer{rng}, got {value!r}")
+        if kind == "float" and not (_is_number(value) and math.isfinite(value)):
+            raise ConfigError(f"{where} must be a finite number{rng}, got {value!r}")
+        if kind == "str" and not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        if kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def _require(ok: bool, where: str, value: Any) -> None:
+    """Range check with the same wording as the type check."""
+    if not ok:
+        field = where.rsplit(".", 1)[-1]
+        kind = "an integer" if _is_int(value) else "a number"
+        raise ConfigError(f"{where} must be {kind} {_RANGES.get(field, '')}, got {value!r}".replace("  ", " "))
+
+
 def _build(cls: type, section: str, data: Any) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"[{section}] must be a table, got {type(data).__name__}")
@@ -86,6 +135,7 @@ class OptimizerSection:
     config: Any = ()  # frozen key/value pairs for MnemosyneConfig / LSTMConfig
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "optimizer")
         if self.kind not in OPTIMIZER_KINDS:
             raise ConfigError(f"optimizer.kind must be one of {OPTIMIZER_KINDS}, got {self.kind!r}")
 
@@ -128,6 +178,7 @@ class EstimatorConfig:
 
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "estimator")
         if self.kind not in ESTIMATORS:
             raise ConfigError(f"estimator.kind must be one of {ESTIMATORS}, got {self.kind!r}")
         if self.shaping not in SHAPINGS:
@@ -141,10 +192,10 @@ class EstimatorConfig:
             raise ConfigError("estimator.untold_fraction needs tell_horizon = true")
         if self.meta_loss not in META_LOSSES:
             raise ConfigError(f"estimator.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
-        if self.num_pairs < 1 or self.truncation < 1 or self.batch_pairs < 1:
-            raise ConfigError("estimator.num_pairs, truncation and batch_pairs must be ≥ 1")
-        if not (self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ConfigError(f"estimator.sigma must be > 0, got {self.sigma}")
+        for name in ("num_pairs", "truncation", "batch_pairs"):
+            _require(getattr(self, name) >= 1, f"estimator.{name}", getattr(self, name))
+        for name in ("sigma", "max_log_ratio", "grad_clip"):
+            _require(getattr(self, name) > 0, f"estimator.{name}", getattr(self, name))
         if self.meta_loss.startswith("heldout") and self.kind != "es":
             raise ConfigError(f"estimator.meta_loss = {self.meta_loss!r} needs whole unrolls: use kind = 'es'")
 
@@ -175,10 +226,13 @@ class OuterConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", _scale_pairs(self.scale))
+        _check_field_types(self, "outer")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"outer.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"outer.learning_rate must be > 0, got {self.learning_rate}")
+        _require(self.learning_rate > 0, "outer.learning_rate", self.learning_rate)
+        _require(self.clip > 0, "outer.clip", self.clip)
+        for name in ("b1", "b2"):
+            _require(0 <= getattr(self, name) < 1, f"outer.{name}", getattr(self, name))
         if isinstance(self.trainable, str) or not all(isinstance(t, str) and t.strip(". ") for t in self.trainable):
             raise ConfigError(f"outer.trainable must be a list of dotted θ paths such as ['head'], "
                               f"got {self.trainable!r}")
@@ -228,8 +282,15 @@ class TaskConfig:
     param_scale: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "tasks")
         if bool(self.family) == bool(self.specs):
             raise ConfigError("[tasks] needs exactly one of 'family' or 'specs'")
+        if not isinstance(self.specs, tuple):  # a TOML array freezes to a tuple; a table would not
+            raise ConfigError(f"tasks.specs must be a list of {{name, kwargs}} tables, got {_thaw(self.specs)!r}")
+        ps = self.param_scale
+        if not (isinstance(ps, (tuple, list)) and len(ps) == 2 and all(_is_number(x) and math.isfinite(x)
+                                                                        for x in ps)):
+            raise ConfigError(f"tasks.param_scale must be [lo, hi] (two numbers), got {_thaw(ps)!r}")
         if not 1 <= self.min_unroll <= self.max_unroll:
             raise ConfigError(f"need 1 ≤ min_unroll ≤ max_unroll, got {self.min_unroll}, {self.max_unroll}")
         for d in self.spec_dicts:
@@ -248,10 +309,14 @@ class TaskConfig:
         """``{name, kwargs}`` per spec, plus ``unroll`` where the spec sets its own range (absent
         otherwise, so a config without it keeps its task-family fingerprint)."""
         out = []
-        for s in self.specs:
+        for i, s in enumerate(self.specs):
             d = _thaw(s)
             if not isinstance(d, dict) or "name" not in d or set(d) - {"name", "kwargs", "unroll"}:
                 raise ConfigError(f"each tasks.specs entry is {{name, kwargs, unroll}}, got {d!r}")
+            if not (isinstance(d["name"], str) and d["name"]):
+                raise ConfigError(f"tasks.specs[{i}].name must be a task name (a string), got {d['name']!r}")
+            if not isinstance(d.get("kwargs") or {}, dict):
+                raise ConfigError(f"tasks.specs[{i}] {d['name']!r}: kwargs must be a table, got {d['kwargs']!r}")
             # An empty table freezes to () and thaws to []: kwargs are always a table.
             out.append({"name": d["name"], "kwargs": d.get("kwargs") or {}}
                        | ({"unroll": d["unroll"]} if "unroll" in d else {}))
@@ -265,14 +330,23 @@ class MetaConfig:
     generations: int = 20
     checkpoint_every: int = 10
     publish_every: int = 0
+    # Stop when no pair of a generation succeeds this many generations in a row (a generation whose
+    # every pair raised stops the run at once): a run that cannot learn must not burn a cluster.
+    stop_after_failed_generations: int = 3
     optimizer: OptimizerSection = OptimizerSection()
     estimator: EstimatorConfig = EstimatorConfig()
     outer: OuterConfig = OuterConfig()
     tasks: TaskConfig = TaskConfig(specs=(_freeze({"name": "quadratic", "kwargs": {"dim": 8}}),))
 
     def __post_init__(self) -> None:
-        if self.generations < 0 or self.checkpoint_every < 1:
-            raise ConfigError("generations must be ≥ 0 and checkpoint_every ≥ 1")
+        _check_field_types(self)
+        for name, low in (("generations", 0), ("checkpoint_every", 1), ("publish_every", 0),
+                          ("stop_after_failed_generations", 1)):
+            _require(getattr(self, name) >= low, name, getattr(self, name))
+        for name, cls in (("optimizer", OptimizerSection), ("estimator", EstimatorConfig), ("outer", OuterConfig),
+                          ("tasks", TaskConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"[{name}] must be a table, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -298,31 +372,113 @@ class MetaConfig:
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in sections:
-                if key == "tasks" and isinstance(value, dict) and "param_scale" in value:
+                if key == "tasks" and isinstance(value, dict) and isinstance(value.get("param_scale"), list) and all(
+                        _is_number(x) for x in value["param_scale"]):
                     value = {**value, "param_scale": tuple(float(x) for x in value["param_scale"])}
                 kwargs[key] = _build(sections[key], key, value)
             else:
                 kwargs[key] = value
         try:
             return cls(**kwargs)
-        except TypeError as exc:  # pragma: no cover - wrong value types
-            raise ConfigError(str(exc)) from exc
+        except TypeError as exc:  # a value of a type no field check expected (e.g. a table for a number)
+            raise ConfigError(f"invalid config value: {exc}") from exc
 
     def replace(self, **changes: Any) -> MetaConfig:
         return dataclasses.replace(self, **changes)
 
 
-def load_config(name_or_path: str | pathlib.Path) -> MetaConfig:
-    """``"quick"``/``"default"``/… from ``configs/`` or a path to a ``.toml`` file."""
+def config_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
+    """The file ``load_config(name_or_path)`` reads (``ConfigError`` when there is none)."""
     path = pathlib.Path(name_or_path)
     if not path.suffix and not path.exists():
         path = CONFIG_DIR / f"{name_or_path}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
         raise ConfigError(f"no config {str(name_or_path)!r} (not a file; known names: {', '.join(known) or 'none'})")
+    return path
+
+
+def load_config(name_or_path: str | pathlib.Path) -> MetaConfig:
+    """``"quick"``/``"default"``/… from ``configs/`` or a path to a ``.toml`` file.
+
+    Every error names the file: ``configs/x.toml: generations must be an integer ≥ 0, got 'x'``.
+    """
+    path = config_path(name_or_path)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
     data.setdefault("name", path.stem)
-    return MetaConfig.from_dict(data)
+    try:
+        return MetaConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def check_tasks(tasks: TaskConfig) -> int:
+    """Resolve and build every task the config can sample, once, by shapes only (no compile, no step).
+
+    ``tasks.specs`` entries and every member of ``tasks.family`` are built with
+    :func:`~mnemosyne_core.tasks.make_task` and traced with ``jax.eval_shape`` through
+    ``init``, ``sample_batch`` and ``loss`` (datasets are loaded, nothing is compiled or run).
+    Raises :class:`ConfigError` naming the first spec that fails and why (an unknown task name
+    with the known ones, an impossible keyword argument with the task's own message). Returns
+    the number of distinct specs checked. Run it before any worker starts: a bad spec then costs
+    a second, not a cluster's generations of dropped pairs.
+
+    Example:
+        >>> check_tasks(TaskConfig(specs=(_freeze({"name": "quadratic", "kwargs": {"dim": 3}}),)))
+        1
+        >>> try:
+        ...     check_tasks(TaskConfig(specs=(_freeze({"name": "nosuch"}),)))
+        ... except ConfigError as exc:
+        ...     print(str(exc)[:50])
+        tasks.specs[0] 'nosuch': unknown task 'nosuch'; kno
+    """
+    if tasks.family:
+        from mnemosyne_core.tasks.families import FAMILIES
+
+        if tasks.family not in FAMILIES:
+            raise ConfigError(f"tasks.family: unknown task family {tasks.family!r}; known: {', '.join(sorted(FAMILIES))}")
+        try:
+            support = FAMILIES[tasks.family].support()
+        except Exception as exc:
+            raise ConfigError(f"tasks.family {tasks.family!r}: {type(exc).__name__}: {exc}") from exc
+        labelled = [(f"tasks.family {tasks.family!r} member {s.to_json()}", s.to_json()) for s in support]
+    else:
+        labelled = []
+        for i, d in enumerate(tasks.spec_dicts):
+            try:
+                text = json.dumps({"name": d["name"], "kwargs": d["kwargs"]}, sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"tasks.specs[{i}] {d['name']!r}: kwargs must be JSON-able: {exc}") from exc
+            shown = f" kwargs {json.dumps(d['kwargs'], sort_keys=True)}" if d["kwargs"] else ""
+            labelled.append((f"tasks.specs[{i}] {d['name']!r}{shown}", text))
+    for label, text in labelled:
+        error = _task_error(text)
+        if error is not None:
+            raise ConfigError(f"{label}: {error}")
+    return len({text for _, text in labelled})
+
+
+@functools.lru_cache(maxsize=512)
+def _task_error(spec_json: str) -> str | None:
+    """``None`` when the spec builds and traces, else one line saying why not (cached per spec)."""
+    import jax
+
+    from mnemosyne_core.tasks import make_task
+
+    try:
+        task = make_task(json.loads(spec_json))
+        key = jax.random.key(0)
+        params = jax.eval_shape(task.init, key)
+        batch = jax.eval_shape(task.sample_batch, key)
+        loss = jax.eval_shape(task.loss, params, batch)
+        if getattr(loss, "shape", None) != ():
+            return f"loss must be a scalar, got shape {getattr(loss, 'shape', None)}"
+    except Exception as exc:  # noqa: BLE001 - any failure to build is the user's spec, said in one line
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        return text if isinstance(exc, (ValueError, KeyError)) else f"{type(exc).__name__}: {text}"
+    return None

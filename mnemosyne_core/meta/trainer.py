@@ -52,9 +52,10 @@ from mnemosyne_core.meta.evaluator import LocalEvaluator, learned_optimizer
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.noise import run_key_data
 from mnemosyne_core.meta.pes import PES
-from mnemosyne_core.meta.protocol import Evaluator
+from mnemosyne_core.meta.protocol import Evaluator, Status
 
-__all__ = ["MetaTrainer", "ResumeError", "lineage", "make_estimator", "make_outer", "validation_loss"]
+__all__ = ["MetaTrainer", "MetaTrainingStalled", "NonFiniteError", "ResumeError", "lineage", "make_estimator",
+           "make_outer", "validation_loss"]
 
 ESTIMATOR_CLASSES = {"es": ES, "pes": PES, "backprop": TruncatedBackprop}
 CHECKPOINT = "checkpoint.msgpack"
@@ -63,6 +64,16 @@ EVALUATOR_STATE = "evaluator_state.pkl"
 
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed with the given config."""
+
+
+class MetaTrainingStalled(RuntimeError):
+    """The run learns nothing: every pair of a generation raised, or no pair succeeded for
+    ``stop_after_failed_generations`` generations in a row. The message names a failing task
+    and its exception; the last checkpoint (of a generation that learned) is left as it was."""
+
+
+class NonFiniteError(ValueError):
+    """θ (or a score) that is NaN/Inf: never saved as an optimizer, never published."""
 
 
 def make_estimator(config: MetaConfig, run_key: tuple[int, ...]) -> Any:
@@ -180,6 +191,7 @@ class MetaTrainer:
         self.est_state = self.estimator.init(self.theta)
         self.generation = 0
         self.skipped_updates = 0
+        self.failed_generations = 0  # consecutive generations in which no pair succeeded
         if resume:
             self.load_checkpoint()
         elif (self.out / CHECKPOINT).exists():
@@ -193,6 +205,7 @@ class MetaTrainer:
         g = self.generation
         tickets, self.est_state = self.estimator.ask(self.est_state, g)
         results = self.evaluator.evaluate(self.theta, tickets)
+        self._last_tickets, self._last_results = tickets, results
         grad, self.est_state, stats = self.estimator.tell(self.est_state, tickets, results, self.theta)
         # Every estimator's grad is ∂L/∂φ: ES/PES perturb θ by σ·s·ε, and the evaluator scales backprop's.
         grad = jax.tree.map(lambda gr, s: gr if s else jnp.zeros_like(gr), grad, self.scales)
@@ -228,6 +241,15 @@ class MetaTrainer:
         total = self.config.generations if generations is None else int(generations)
         rows = []
         writer = self._tb()
+        try:
+            self._run_loop(total, rows, writer, on_generation, on_checkpoint)
+        finally:
+            if writer is not None:
+                writer.close()
+        return rows
+
+    def _run_loop(self, total: int, rows: list, writer: Any, on_generation: Callable[[dict], None] | None,
+                  on_checkpoint: Callable[[MetaTrainer], None] | None) -> None:
         with open(self.out / "metrics.jsonl", "a") as metrics:
             while self.generation < total:
                 row = self.step()
@@ -238,15 +260,54 @@ class MetaTrainer:
                     for k, v in row.items():
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "generation":
                             writer.add_scalar(f"meta/{k}", v, row["generation"])
+                stalled = self._check_progress(row)  # raises after the row is on disk, before any save
                 if on_generation is not None:
                     on_generation(row)
+                if stalled:  # θ did not move: the checkpoint on disk is the last one of a generation that learned
+                    continue
                 if self.generation % self.config.checkpoint_every == 0 or self.generation == total:
                     self.save_checkpoint()
                     if on_checkpoint is not None:
                         on_checkpoint(self)
-        if writer is not None:
-            writer.close()
-        return rows
+
+    def _check_progress(self, row: dict[str, Any]) -> bool:
+        """Count generations without a usable pair; raise :class:`MetaTrainingStalled` when the run
+        cannot learn. Returns whether this generation had no usable pair."""
+        if row.get("pairs_used", 0) > 0:
+            self.failed_generations = 0
+            return False
+        self.failed_generations += 1
+        results = list(getattr(self, "_last_results", ()) or ())
+        all_raised = bool(results) and all(r.status == Status.ERROR for r in results)
+        limit = self.config.stop_after_failed_generations
+        if all_raised or self.failed_generations >= limit:
+            why = (f"every pair of generation {row['generation']} failed" if all_raised else
+                   f"no pair succeeded in {self.failed_generations} consecutive generations "
+                   f"(stop_after_failed_generations = {limit})")
+            raise MetaTrainingStalled(f"meta-training stopped: {why}; {self._diagnose()}")
+        return True
+
+    def _diagnose(self) -> str:
+        """Which task failed and why: the exception its spec raises when built and traced on the driver,
+        else the status the evaluator reported (NaN/Inf inner losses, or an error in the worker's log)."""
+        from mnemosyne_core.meta.config import _task_error
+
+        tickets = {t.pair_id: t for t in getattr(self, "_last_tickets", ())}
+        failed = [r for r in getattr(self, "_last_results", ()) if not r.status.usable]
+        if not failed:
+            return "the evaluator returned no usable result"
+        for r in failed:
+            t = tickets.get(r.pair_id)
+            if t is not None and r.status == Status.ERROR:
+                error = _task_error(t.task.to_json())
+                if error is not None:
+                    return f"task {t.task.to_json()} raised: {error}"
+        r = failed[0]
+        t = tickets.get(r.pair_id)
+        task = t.task.to_json() if t is not None else f"pair {r.pair_id}"
+        if r.status == Status.NAN:
+            return f"task {task}: the inner loss became NaN/Inf ({len(failed)} pairs dropped)"
+        return f"task {task}: the evaluator raised ({len(failed)} pairs with status ERROR; see its log)"
 
     def _tb(self) -> Any:
         try:
@@ -298,6 +359,11 @@ class MetaTrainer:
         from mnemosyne_core import checkpoint
 
         path = pathlib.Path(path) if path is not None else self.out / "optimizer.msgpack"
+        if not _finite(self.theta):
+            raise NonFiniteError(f"θ at generation {self.generation} is not finite: not written to {path}")
+        # A NaN/Inf score is no score: it is left out rather than written (JSON has no NaN).
+        extra_metadata = {k: v for k, v in extra_metadata.items()
+                          if not (isinstance(v, float) and not np.isfinite(v))}
         meta = lineage(self.config, self.seed, self.generation, optimizer_kind=self.lo.kind, **extra_metadata)
         if self.parent:
             meta["parent"] = self.parent

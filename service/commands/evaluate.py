@@ -21,7 +21,7 @@ import json
 import pathlib
 from typing import Any
 
-from service.cli import CLIError
+from service.cli import CLIError, service_error
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +53,8 @@ def load_optimizer(spec: str, label: str) -> tuple[Any, dict]:
     except PretrainedError as exc:
         raise CLIError(str(exc), 2) from exc
     except Exception as exc:
-        raise CLIError(f"optimizer {spec!r}: {type(exc).__name__}: {exc}", 2) from exc
+        code = 1 if service_error(exc) is not None else 2  # a registry that is down is a failure, not usage
+        raise CLIError(f"optimizer {spec!r}: {type(exc).__name__}: {exc}", code) from exc
     return Learned(label, theta, config), dict(meta or {})
 
 

@@ -7,6 +7,10 @@
 (``CartPole-v1``, ``inverted_pendulum``). ``--steps`` counts policy updates;
 each update consumes ``num_envs * horizon`` environment steps (in summary.json).
 Writes ``OUT/policy`` (Orbax), ``OUT/summary.json`` and ``OUT/returns.png``.
+
+Exit codes: 0 ok, 1 failure (e.g. the registry of a ``grpc://`` optimizer cannot be
+reached), 2 usage (unknown env, bad arguments or ``--task-kwargs``), 3 an optimizer spec
+that cannot be used, 4 training diverged. Each error is one line on stderr.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import json
 import math
 import pathlib
 
-from service.cli import CLIError
+from service.cli import CLIError, service_error
 
 ENV_EXIT, OPTIMIZER_EXIT = 2, 3
 
@@ -75,7 +79,8 @@ def run_train_policy(args: argparse.Namespace) -> int:
     try:
         tx, opt_info = resolve_optimizer(args.optimizer)
     except OptimizerSpecError as exc:
-        raise CLIError(str(exc), OPTIMIZER_EXIT) from None
+        # A registry that cannot be reached is a failure (1), not a bad optimizer spec.
+        raise CLIError(str(exc), 1 if service_error(exc) is not None else OPTIMIZER_EXIT) from None
     try:
         task = make_task({"name": env, "kwargs": task_kwargs})
     except (TypeError, ValueError) as exc:
