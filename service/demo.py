@@ -4,10 +4,15 @@
 2. meta-train a Mnemosyne optimizer with the ``quick`` config on an embedded local Ray cluster
    (``--backend ray``; ``--backend local`` with ``MNEMOSYNE_DEMO_BACKEND=local``), publishing to the registry;
 3. compare, on a held-out digits MLP, its fresh θ, the briefly trained θ, the shipped ``default``
-   (told the horizon) and its fresh θ, Adam(1e-3), tuned Adam and tuned cosine Adam on one table and one
-   PNG (``runs/demo/eval``), and say in a line what meta-training bought (:mod:`service.demo_report`);
+   (told the horizon and not) and its fresh θ, Adam(1e-3), tuned Adam and tuned cosine Adam on one table
+   and one PNG (``runs/demo/eval``), say in a line what meta-training bought and in a sentence what each
+   curve is (:mod:`service.demo_report`);
 4. load the optimizer back through the registry (``grpc://…/demo@latest``), check it is bit-identical to
-   the file the trainer wrote, and train a digits MLP with it for a few steps.
+   the file the trainer wrote, and train a digits MLP with it for a few steps;
+5. close with one line computed from step 3's measurements: which optimizer to use, and when to pass
+   ``total_steps`` (:func:`service.demo_report.recommendation`).
+
+Each step prints a heading and a sentence saying what it does.
 
 Run it with ``python -m service.demo [--out DIR]``; it stops the registry it started (by pid) on exit.
 """
@@ -61,8 +66,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-def step(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
+def step(title: str, what: str) -> None:
+    """A step's heading and one sentence saying what it does."""
+    print(f"\n=== {title} ===\n{what}", flush=True)
 
 
 def run_cli(argv: list[str]) -> None:
@@ -113,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         # Unix socket paths are length-limited: keep Ray's session folder short.
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="mnray")
 
-    step("1/4 start a local optimizer registry")
+    step("1/4 Start a local optimizer registry",
+         "A gRPC server that stores optimizer versions: step 2 publishes to it, step 4 loads back from it.")
     registry_proc, registry = start_registry(out / "registry", out / "registry.log")
     print(f"registry at {registry}")
     try:
-        step(f"2/4 meta-train Mnemosyne (config quick, backend {args.backend}) and publish")
+        step(f"2/4 Meta-train an optimizer (config quick, backend {args.backend}) and publish it",
+             "Evolution strategies tune the learned optimizer's θ on small digits MLPs; this is a short run "
+             "(configs/quick.toml), far shorter than the one that produced the shipped `default`.")
         meta_dir = out / "meta"
         train_args = ["meta-train", "--config", "quick", "--out", str(meta_dir), "--seed", "0",
                       "--backend", args.backend, "--publish", f"{registry}/demo"]
@@ -125,15 +134,18 @@ def main(argv: list[str] | None = None) -> int:
             train_args += ["--workers", "2"]
         run_cli(train_args)
 
-        step("3/4 what did meta-training buy? fresh θ vs trained θ vs the shipped default vs Adam")
+        step("3/4 Compare the optimizers on a network no meta-training saw",
+             "Each optimizer trains a digits MLP (width 40, elu) for 1x and 2x the horizon; the table gives "
+             "the mean training loss over the last 10 % of the steps (lower is better).")
         import mnemosyne_core as mn
-        from service.demo_report import compare
+        from service.demo_report import compare, recommendation
 
         theta, config, _ = mn.load(meta_dir / "optimizer.msgpack")
-        _, lines = compare(theta, config, out_dir=out / "eval")
+        results, lines = compare(theta, config, out_dir=out / "eval")
         print("\n".join(lines), flush=True)
 
-        step("4/4 load it back through the registry and train with it")
+        step("4/4 Load the optimizer back from the registry and train with it",
+             "What a training job does: fetch a version by URI (sha256-verified) and use it as an optax optimizer.")
         uri = f"{registry}/demo@latest"
         run_cli(["registry", "pull", "demo@latest", "-o", str(out / "pulled.msgpack"), "--registry", registry])
         same = (out / "pulled.msgpack").read_bytes() == (meta_dir / "optimizer.msgpack").read_bytes()
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop(registry_proc)
     print(f"\ndemo finished; outputs in {out}/")
+    print(f"\n=== What to use ===\n{recommendation(results)}", flush=True)
     return 0
 
 
