@@ -188,6 +188,7 @@ class _Publisher:
         self.target = f"{parsed.hostname}:{port}"
         self.name = name
         self.token = token
+        self._module = module
         self.client = module.RegistryClient(self.target, token=token, timeout=call_timeout)
         self.Error = module.RegistryClientError
         self.best = math.inf
@@ -293,6 +294,7 @@ class _Publisher:
                 self.left.append(job)
                 return
             attempt += 1
+            self._reconnect()
             if not self._outage:
                 self._outage = True
                 self._say(f"cannot publish generation {job.generation} to {self.uri} ({job.error}); "
@@ -301,6 +303,13 @@ class _Publisher:
                 self.left.append(job)
                 return
             delay = min(delay * 2, self.max_backoff)
+
+    def _reconnect(self) -> None:
+        """A fresh channel for the next try: a gRPC channel that saw its server die backs off its own
+        reconnects (up to minutes), which would delay publishing long after the registry is back."""
+        with contextlib.suppress(Exception):
+            self.client.close()
+        self.client = self._module.RegistryClient(self.target, token=self.token, timeout=self.client.timeout)
 
     def _sleep(self, seconds: float) -> bool:
         """Wait before a retry; ``False`` once ``finish``'s deadline has passed."""
@@ -340,6 +349,8 @@ class _Publisher:
                     self.best = job.score
                     return
                 except self.Error as exc:
+                    if exc.code not in self.PERMANENT:
+                        self._reconnect()
                     if exc.code in self.PERMANENT or not self._sleep(delay):
                         self.warnings.append(f"alias 'best' not moved to version {job.number} ({exc})")
                         return
