@@ -113,11 +113,16 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     # Per-tensor hypergradient step sizes on top of the tensor variant (the shipped default also
     # turns the direction correction off; test_hypergradient.py covers that path).
     "mnemosyne_tensor_hd": _mnemosyne_entry("mnemosyne_tensor_hd", variant="tensor", hypergradient=True),
-    # The shipped default's shape: Adam's direction, hypergradient step sizes and the learned
+    # The previous default's shape: Adam's direction, hypergradient step sizes and the learned
     # schedule over the training progress (told through update(..., total_steps=T)).
     "mnemosyne_tensor_sched": _mnemosyne_entry("mnemosyne_tensor_sched", variant="tensor", hypergradient=True,
                                                direction_correction=False, use_param_feature=False,
                                                progress_schedule=True),
+    # The shipped default's shape: HPE → CAM set each tensor's step size (memory_step_size),
+    # Adam's direction and the learned schedule (test_memory_step.py covers the rule itself).
+    "mnemosyne_tensor_mem": _mnemosyne_entry("mnemosyne_tensor_mem", variant="tensor", memory_step_size=True,
+                                             direction_correction=False, use_param_feature=False,
+                                             progress_schedule=True),
     "mnemosyne_coordinate": _mnemosyne_entry("mnemosyne_coordinate", variant="coordinate"),
     "lstm": _lstm_entry(),
     "adam": _hand_designed("adam", lambda: optax.adam(1e-3)),

@@ -1,0 +1,131 @@
+"""The memory step size: HPE → CAM read out each tensor's log step-size change."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mnemosyne_core as mn
+from mnemosyne_core.head import hypergradient_cosine, memory_log_lr
+from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta, mnemosyne
+
+CONFIG = MnemosyneConfig(memory_step_size=True, direction_correction=False, use_param_feature=False,
+                         progress_schedule=True, learning_rate=1e-2, memory_step_rate=0.1)
+PARAMS = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros(4)}
+
+
+def _target(p):
+    return jnp.sum((p["w"] - 0.5) ** 2) + jnp.sum((p["b"] + 0.3) ** 2)
+
+
+def _run(theta, config=CONFIG, steps=30, **extra):
+    tx = mnemosyne(theta, config)
+    params, state = PARAMS, tx.init(PARAMS)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(_target)(params)
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state, updates
+
+    ups = []
+    for _ in range(steps):
+        params, state, upd = step(params, state)
+        ups.append(upd)
+    return params, state, ups
+
+
+def test_fresh_theta_is_adam_with_a_constant_step():
+    theta = init_theta(jax.random.key(3), CONFIG)
+    params, state, ups = _run(theta, total_steps=30)
+    adam = optax.adam(1e-2)
+    p, s = PARAMS, adam.init(PARAMS)
+    for i in range(30):
+        u, s = adam.update(jax.grad(_target)(p), s, p)
+        p = optax.apply_updates(p, u)
+        np.testing.assert_allclose(ups[i]["w"], u["w"], rtol=2e-5, atol=1e-9)
+    np.testing.assert_array_equal(state.memory.log_lr, np.zeros(2, np.float32))
+
+
+def test_the_read_out_moves_the_log_step_size_by_at_most_the_rate_per_step():
+    theta = init_theta(jax.random.key(0), CONFIG)
+    theta["ctrl"]["b"] = jnp.float32(0.5)  # every meta-token asks for a larger step
+    _, state, ups = _run(theta, steps=10)
+    want = 10 * 0.1 * math.tanh(0.5)
+    np.testing.assert_allclose(state.memory.log_lr, [want, want], rtol=1e-5)
+    theta["ctrl"]["b"] = jnp.float32(50.0)
+    _, state, _ = _run(theta, steps=10)
+    np.testing.assert_allclose(state.memory.log_lr, [1.0, 1.0], rtol=1e-5)  # ≤ rate per step
+    theta["ctrl"]["b"] = jnp.float32(-50.0)
+    _, state, _ = _run(theta, config=CONFIG, steps=100)
+    np.testing.assert_allclose(state.memory.log_lr, [CONFIG.min_log_lr] * 2, rtol=1e-6)  # kept in bounds
+
+
+def test_the_memory_reads_the_hypergradient_cosine_and_its_output_reaches_the_step():
+    theta = init_theta(jax.random.key(0), CONFIG)
+    _, state, _ = _run(theta, steps=5)
+    # A steady quadratic: successive Adam directions agree with the new gradients.
+    assert np.all(np.asarray(state.memory.hg_cos) > 0.5)
+    # A read-out weight on the features (not the bias) changes the step: the memory output matters.
+    theta2 = init_theta(jax.random.key(0), CONFIG)
+    theta2["ctrl"]["w"] = jnp.full_like(theta2["ctrl"]["w"], 0.3)
+    _, s2, _ = _run(theta2, steps=5)
+    assert not np.allclose(s2.memory.log_lr, state.memory.log_lr)
+
+
+def test_initial_step_offset_and_ablation_of_the_memory():
+    theta = init_theta(jax.random.key(0), CONFIG)
+    theta["ctrl"]["log_lr0"] = jnp.float32(math.log(3.0))
+    theta["ctrl"]["b"] = jnp.float32(1.0)
+    _, _, ups = _run(theta, steps=1)
+    np.testing.assert_allclose(ups[0]["b"], -3 * 1e-2 * np.sign(jax.grad(_target)(PARAMS)["b"]), rtol=1e-4)
+    ablated = mn.ablate(theta, CONFIG, "memory")
+    assert float(ablated["ctrl"]["b"]) == 0.0 and float(ablated["ctrl"]["log_lr0"]) == pytest.approx(math.log(3))
+    _, state, _ = _run(ablated, steps=20)
+    np.testing.assert_allclose(state.memory.log_lr, [math.log(3.0)] * 2, rtol=1e-6)  # a constant step
+    assert float(mn.ablate(theta, CONFIG, "initial_step")["ctrl"]["log_lr0"]) == 0.0
+
+
+def test_ablate_errors_and_parts():
+    with pytest.raises(mn.AblationError, match="unknown part"):
+        mn.ablate(init_theta(jax.random.key(0), CONFIG), CONFIG, "nope")
+    plain = MnemosyneConfig()
+    with pytest.raises(mn.AblationError, match="no learned 'schedule'"):
+        mn.ablate(init_theta(jax.random.key(0), plain), plain, "schedule")
+    assert mn.ablation_parts(plain) == ("memory",)
+    assert mn.ablation_parts(mn.LSTMConfig()) == ()
+
+
+def test_non_finite_gradients_leave_the_step_size_and_cosine_alone():
+    theta = init_theta(jax.random.key(0), CONFIG)
+    theta["ctrl"]["b"] = jnp.float32(1.0)
+    tx = mnemosyne(theta, CONFIG)
+    state = tx.init(PARAMS)
+    grads = jax.grad(_target)(PARAMS)
+    _, state = tx.update(grads, state, PARAMS)
+    bad = {"w": grads["w"].at[0, 0].set(jnp.nan), "b": grads["b"]}
+    updates, after = tx.update(bad, state, PARAMS)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    np.testing.assert_array_equal(after.memory.log_lr, state.memory.log_lr)
+    np.testing.assert_array_equal(after.memory.hg_cos, state.memory.hg_cos)
+
+
+def test_helpers():
+    sums = jnp.array([[1.0, 4.0, 1.0], [-1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(hypergradient_cosine(sums), [0.5, -1.0, 0.0])
+    out = memory_log_lr(jnp.array([[0.0, 100.0], [-100.0, -100.0]]), jnp.array([0.0, -0.95]), rate=0.1,
+                        bounds=(-1.0, 1.0))
+    np.testing.assert_allclose(out, [0.05, -1.0], rtol=1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="choose one"):
+        MnemosyneConfig(memory_step_size=True, hypergradient=True)
+    with pytest.raises(ValueError, match="tensor"):
+        MnemosyneConfig(variant="coordinate", memory_step_size=True)
+    with pytest.raises(ValueError, match="memory_step_rate"):
+        MnemosyneConfig(memory_step_size=True, memory_step_rate=-0.1)
