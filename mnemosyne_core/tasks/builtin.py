@@ -11,12 +11,19 @@ name            problem                                                    metri
 ``mnist1d_mlp`` the same MLP on generated MNIST-1D                         idem
 ``digits_vit``  tiny ViT on 8×8 digit patches (``patch``, ``dim``,          idem
                 ``depth``, ``heads``, ``mlp_ratio``, ``batch_size``)
+``char_lm``     causal character Transformer LM on text shipped with       idem (next-char)
+                Python (``dim``, ``depth``, ``heads``, ``mlp_ratio``,
+                ``seq_len``, ``batch_size``, ``corpus``, ``param_scale``);
+                corpus ``stdlib_docs`` for meta-training, ``pydoc_topics``
+                held out
 ==============  =========================================================  ==================
 
 Held-out evaluation tasks (never meta-trained on): ``wine_mlp``, ``cancer_mlp``, ``blobs_mlp``
 (MLP classifiers on scikit-learn tables, same kwargs as ``digits_mlp``), ``diabetes_mlp``,
 ``friedman_mlp`` (regression MLPs, ``test_loss`` = MSE), ``digits_autoencoder`` (an MLP
-autoencoder) and ``digits_convnet`` (``channels``, ``activation``, ``batch_size``).
+autoencoder), ``digits_convnet`` (``channels``, ``activation``, ``batch_size``), and the badly
+scaled ``illscaled_lstsq`` / ``illscaled_mlp`` of :mod:`~mnemosyne_core.tasks.illscaled`, where tuned
+Adam wants a learning rate ≤ 1e-3.
 
 ``make_task`` imports this module lazily, so ``mnemosyne_core.tasks.base`` needs
 no data packages; the data sets themselves load on first use and are cached.
@@ -34,6 +41,8 @@ import functools
 
 from mnemosyne_core.tasks.base import register_task
 from mnemosyne_core.tasks.convnet import ConvNetTask
+from mnemosyne_core.tasks.illscaled import IllScaledLeastSquaresTask, IllScaledMLPTask
+from mnemosyne_core.tasks.lm import CharLMTask
 from mnemosyne_core.tasks.mlp import MLPTask
 from mnemosyne_core.tasks.quadratic import QuadraticTask
 from mnemosyne_core.tasks.regression import SQUARED_ERROR_TASKS, SquaredErrorMLPTask
@@ -42,7 +51,8 @@ from mnemosyne_core.tasks.vit import ViTTask
 __all__ = ["BUILTIN_TASKS"]
 
 BUILTIN_TASKS = ("quadratic", "digits_mlp", "mnist1d_mlp", "digits_vit", "wine_mlp", "cancer_mlp", "blobs_mlp",
-                 *SQUARED_ERROR_TASKS, "digits_convnet")
+                 *SQUARED_ERROR_TASKS, "digits_convnet", "char_lm",
+                 "illscaled_lstsq", "illscaled_mlp")
 
 register_task("quadratic")(QuadraticTask)
 register_task("digits_mlp")(functools.partial(MLPTask, "digits"))
@@ -54,3 +64,6 @@ register_task("blobs_mlp")(functools.partial(MLPTask, "blobs5"))
 for _name in SQUARED_ERROR_TASKS:
     register_task(_name)(functools.partial(SquaredErrorMLPTask, _name))
 register_task("digits_convnet")(ConvNetTask)
+register_task("char_lm")(CharLMTask)
+register_task("illscaled_lstsq")(IllScaledLeastSquaresTask)
+register_task("illscaled_mlp")(IllScaledMLPTask)
