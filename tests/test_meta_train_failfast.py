@@ -188,18 +188,20 @@ def test_shipped_configs_still_load_and_check():
 
 # --- deliverable 2: a run that learns nothing stops ------------------------------------------------------
 def test_cli_run_whose_pairs_all_fail_stops_and_writes_no_optimizer(tmp_path, capsys):
-    """Every pair NaN: the run stops after stop_after_failed_generations (2) of 50 generations, exit 1,
-    naming the task; no optimizer.msgpack, and no checkpoint of a generation that learned nothing."""
+    """Every pair NaN from the first generation on: nothing has ever worked, so the run of 50
+    generations stops after generation 0, exit 1, naming the task; no optimizer.msgpack, and no
+    checkpoint of a generation that learned nothing."""
     cfg = _write(tmp_path, specs=f'{{name = "{NAN_TASK}"}}', generations=50)
     out = tmp_path / "run"
     code, stdout, err = _meta_train(capsys, "--config", cfg, "--out", out)
     assert code == 1
     assert err.count("\n") == 1, err
-    assert "no pair succeeded in 2 consecutive generations" in err and NAN_TASK in err and "NaN" in err
+    assert "every pair of generation 0 failed" in err and NAN_TASK in err and "NaN" in err
+    assert "no optimizer written" in err
     assert not (out / "optimizer.msgpack").exists() and "wrote" not in stdout
     assert not (out / "checkpoint.msgpack").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["pairs_used"] for r in rows] == [0, 0]  # it stopped after 2 generations, not 50
+    assert [r["pairs_used"] for r in rows] == [0]  # it stopped after 1 generation, not 50
 
 
 def test_generation_whose_every_pair_raises_stops_at_once_naming_the_exception(tmp_path):
@@ -243,6 +245,28 @@ def test_stop_keeps_the_last_good_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # θ of the failed generations never moved
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["pairs_used"] > 0 for r in rows] == [True, True, False, False, False]
+
+
+def test_stop_keeps_the_last_good_checkpoint_via_the_cli(tmp_path, capsys, monkeypatch):
+    """The CLI after good generations: exit 1, the checkpoint of generation 2 stays, no optimizer
+    is written (and none would be published: the final export is never reached)."""
+    from mnemosyne_core.meta import evaluator as ev
+
+    monkeypatch.setattr(MetaTrainer, "__init__", _with_evaluator(MetaTrainer.__init__, ev.LocalEvaluator, 2))
+    cfg = _write(tmp_path, generations=30)
+    out = tmp_path / "run"
+    code, stdout, err = _meta_train(capsys, "--config", cfg, "--out", out)
+    assert code == 1 and err.count("\n") == 1
+    assert "no pair succeeded in 2 consecutive generations" in err and f"last checkpoint kept: {out}" in err
+    assert not (out / "optimizer.msgpack").exists() and "wrote" not in stdout
+    assert MetaTrainer(load_config(cfg), out, resume=True).generation == 2
+
+
+def _with_evaluator(init, local, g):
+    def patched(self, config, out_dir, **kw):
+        kw["evaluator"] = _FailFrom(local(config), g)
+        init(self, config, out_dir, **kw)
+    return patched
 
 
 def test_one_failed_generation_does_not_stop_a_run_that_recovers(tmp_path):

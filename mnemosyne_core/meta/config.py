@@ -434,8 +434,8 @@ def check_tasks(tasks: TaskConfig) -> int:
         >>> try:
         ...     check_tasks(TaskConfig(specs=(_freeze({"name": "nosuch"}),)))
         ... except ConfigError as exc:
-        ...     print(str(exc)[:50])
-        tasks.specs[0] 'nosuch': unknown task 'nosuch'; kno
+        ...     print(str(exc).split(";")[0])
+        tasks.specs[0] 'nosuch': unknown task 'nosuch'
     """
     if tasks.family:
         from mnemosyne_core.tasks.families import FAMILIES

@@ -272,42 +272,51 @@ class MetaTrainer:
 
     def _check_progress(self, row: dict[str, Any]) -> bool:
         """Count generations without a usable pair; raise :class:`MetaTrainingStalled` when the run
-        cannot learn. Returns whether this generation had no usable pair."""
+        cannot learn. Returns whether this generation had no usable pair.
+
+        It stops at once when every pair of the run's first generation failed (nothing has ever
+        worked: the set-up is broken) or when every pair raised and the task's exception is
+        reproduced on the driver (the spec itself is broken); otherwise, e.g. for NaN inner losses
+        or a worker outage, after ``stop_after_failed_generations`` failed generations in a row.
+        """
         if row.get("pairs_used", 0) > 0:
             self.failed_generations = 0
             return False
         self.failed_generations += 1
-        results = list(getattr(self, "_last_results", ()) or ())
-        all_raised = bool(results) and all(r.status == Status.ERROR for r in results)
         limit = self.config.stop_after_failed_generations
-        if all_raised or self.failed_generations >= limit:
-            why = (f"every pair of generation {row['generation']} failed" if all_raised else
-                   f"no pair succeeded in {self.failed_generations} consecutive generations "
+        cause, reproduced = self._diagnose()
+        if row["generation"] == 0 or reproduced:
+            why = f"every pair of generation {row['generation']} failed"
+        elif self.failed_generations >= limit:
+            why = (f"no pair succeeded in {self.failed_generations} consecutive generations "
                    f"(stop_after_failed_generations = {limit})")
-            raise MetaTrainingStalled(f"meta-training stopped: {why}; {self._diagnose()}")
-        return True
+        else:
+            return True
+        raise MetaTrainingStalled(f"meta-training stopped: {why}; {cause}")
 
-    def _diagnose(self) -> str:
-        """Which task failed and why: the exception its spec raises when built and traced on the driver,
-        else the status the evaluator reported (NaN/Inf inner losses, or an error in the worker's log)."""
+    def _diagnose(self) -> tuple[str, bool]:
+        """Which task failed and why, and whether the driver reproduced it: the exception the spec
+        raises when built and traced here (every pair raised), else the status the evaluator
+        reported (NaN/Inf inner losses, or an error in the worker's log)."""
         from mnemosyne_core.meta.config import _task_error
 
         tickets = {t.pair_id: t for t in getattr(self, "_last_tickets", ())}
-        failed = [r for r in getattr(self, "_last_results", ()) if not r.status.usable]
+        results = list(getattr(self, "_last_results", ()) or ())
+        failed = [r for r in results if not r.status.usable]
         if not failed:
-            return "the evaluator returned no usable result"
-        for r in failed:
-            t = tickets.get(r.pair_id)
-            if t is not None and r.status == Status.ERROR:
-                error = _task_error(t.task.to_json())
+            return "the evaluator returned no usable result", False
+        if all(r.status == Status.ERROR for r in results):
+            for r in failed:
+                t = tickets.get(r.pair_id)
+                error = _task_error(t.task.to_json()) if t is not None else None
                 if error is not None:
-                    return f"task {t.task.to_json()} raised: {error}"
+                    return f"task {t.task.to_json()} raised: {error}", True
         r = failed[0]
         t = tickets.get(r.pair_id)
         task = t.task.to_json() if t is not None else f"pair {r.pair_id}"
         if r.status == Status.NAN:
-            return f"task {task}: the inner loss became NaN/Inf ({len(failed)} pairs dropped)"
-        return f"task {task}: the evaluator raised ({len(failed)} pairs with status ERROR; see its log)"
+            return f"task {task}: the inner loss became NaN/Inf ({len(failed)} pairs dropped)", False
+        return f"task {task}: the evaluator raised ({len(failed)} pairs with status ERROR; see its log)", False
 
     def _tb(self) -> Any:
         try:
