@@ -126,11 +126,9 @@ def _load_init(spec: str) -> tuple[Any, Any, dict]:
 
 
 def _registry_client():
-    """The registry client module (``mnemosyne_registry``; ``mnemosyne_core.registry_client`` before it moved)."""
-    try:
-        import mnemosyne_registry as client
-    except ImportError:
-        from mnemosyne_core import registry_client as client
+    """The registry client package (``mnemosyne_registry``; it needs the grpc extra)."""
+    import mnemosyne_registry as client
+
     return client
 
 
