@@ -160,3 +160,15 @@ def test_illscaled_kwargs_are_validated():
         make_task(TaskSpec("illscaled_mlp", {"activation": "swish2"}))
     lstsq = make_task(TaskSpec("illscaled_lstsq", {"dim": 8, "scale": 10.0, "noise": 0.0}))
     assert float(lstsq.evaluate(lstsq.optimum())["test_loss"]) < 1e-8
+
+
+def test_heldout_suite_has_lms_and_a_big_one():
+    from mnemosyne_core.tasks.families import HELDOUT_SUITE
+
+    lms = [s for s in HELDOUT_SUITE if s.name == "char_lm"]
+    assert len(lms) >= 2 and all(s.kwargs["corpus"] == "pydoc_topics" for s in lms)
+    assert len({(s.kwargs["dim"], s.kwargs["depth"]) for s in lms}) == len(lms)
+    assert max(_num_params(s) for s in lms) >= 1_000_000
+    assert {"illscaled_lstsq", "illscaled_mlp"} <= {s.name for s in HELDOUT_SUITE}
+
+

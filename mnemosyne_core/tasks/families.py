@@ -13,11 +13,14 @@ and warm them up front if needed.
   width 32/64, depth 1/2, ReLU/tanh, with task augmentation (init scale 1 or 2);
 * ``digits_mlp_wide`` — a broader meta-training distribution (widths to 128,
   depth to 3, three activations, init scales 0.5–2, input noise);
-* ``heldout`` — the project's held-out evaluation suite (:data:`HELDOUT_SUITE`, 13 tasks that
+* ``heldout`` — the project's held-out evaluation suite (:data:`HELDOUT_SUITE`, 17 tasks that
   meta-training never sees): MLP classifiers on three other data sets (wine, breast cancer,
   a generated 5-class set), two regression MLPs, a digits autoencoder, a small conv net, two
-  tiny ViTs, MNIST-1D/digits MLPs of unseen width, depth and activation, and two MLPs ~8×
-  the size of the largest meta-training network.
+  tiny ViTs, MNIST-1D/digits MLPs of unseen width, depth and activation, two MLPs ~8×
+  the size of the largest meta-training network, two causal character-level Transformer LMs
+  on held-out text (116 k and 1.02 M parameters), and two badly scaled problems where tuned
+  Adam wants a learning rate ≤ 1e-3 (rotated ill-conditioned least squares; an MLP on raw,
+  non-centred features).
 
 Example:
     >>> import jax
@@ -244,6 +247,16 @@ HELDOUT_SUITE: tuple[TaskSpec, ...] = (
     _spec("digits_mlp", hidden=[256, 256, 256], activation="elu", batch_size=128),
     _spec("mnist1d_mlp", hidden=[1024], activation="gelu", batch_size=128),  # ~52 k parameters
     _spec("digits_mlp", hidden=[512, 512], activation="relu", batch_size=64),  # ~300 k parameters
+    # Causal character-level Transformer LMs on text meta-training never reads (pydoc's language
+    # reference; meta-training LMs, if any, use corpus="stdlib_docs"). Sized for 2 CPU cores:
+    # one 400-step Adam run took ≲ 4 s (116 k parameters) and ≈ 10 s (1.02 M parameters).
+    _spec("char_lm", dim=64, depth=2, heads=4, mlp_ratio=4, seq_len=32, batch_size=8, corpus="pydoc_topics"),
+    _spec("char_lm", dim=128, depth=5, heads=4, mlp_ratio=4, seq_len=32, batch_size=8, corpus="pydoc_topics"),
+    # Badly scaled problems where tuned Adam's best constant rate at 400 steps is ≤ 1e-3 (3e-4 and
+    # 1e-3 with the harness, 3 seeds): a rule that learned "steps of ~3e-3" on standardised data fails.
+    _spec("illscaled_lstsq", dim=32, scale=100.0, spread=10.0, offset=0.0, noise=0.1, batch_size=32),
+    _spec("illscaled_mlp", hidden=[256, 256], activation="tanh", dim=64, scale=1.0, spread=1.0, offset=4.0,
+          batch_size=64),
 )
 
 FAMILIES: dict[str, TaskFamily] = {
