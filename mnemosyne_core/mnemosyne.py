@@ -33,27 +33,29 @@ import optax
 
 from mnemosyne_core.cam import CAMState, cam_init_feature_major
 from mnemosyne_core.config import MnemosyneConfig
+from mnemosyne_core.coordinate import coordinate_cam, init_coordinate_theta, preprocess
 from mnemosyne_core.favor import orthogonal_directions
-from mnemosyne_core.head import (
-    TensorMemory,
+from mnemosyne_core.head import tensor_head
+from mnemosyne_core.hpe import ChunkLayout, chunk_layout
+from mnemosyne_core.schedule import (
     ceiling_progress,
-    coordinate_cam,
     hypergradient_clock,
+    progress_features,
+    progress_log_schedule,
+)
+from mnemosyne_core.step_size import (
     hypergradient_cosine,
     hypergradient_log_lr,
     hypergradient_sums,
-    init_coordinate_theta,
+    memory_log_lr,
+)
+from mnemosyne_core.tensor_context import (
+    TensorMemory,
     init_tensor_memory,
     init_tensor_theta,
-    memory_log_lr,
     pool_leaf,
-    preprocess,
-    progress_features,
-    progress_log_schedule,
     tensor_context,
-    tensor_head,
 )
-from mnemosyne_core.hpe import ChunkLayout, chunk_layout
 
 __all__ = [
     "MnemosyneConfig",
@@ -71,7 +73,7 @@ class MnemosyneState(NamedTuple):
 
     ``tensor``: only ``moments`` (m1, m2, v: 3 floats per parameter; m1, v
     without the direction correction) scales with the parameters; ``memory`` is
-    a :class:`~mnemosyne_core.head.TensorMemory` whose size depends on the
+    a :class:`~mnemosyne_core.tensor_context.TensorMemory` whose size depends on the
     number of tensors, not their sizes.
     ``coordinate``: ``moments`` (m1, v) plus one CAM memory per coordinate,
     ``r·(e+2)`` floats each.
@@ -93,7 +95,7 @@ def _num_coord_features(config: MnemosyneConfig) -> int:
 
 
 def _num_token_features(config: MnemosyneConfig) -> int:
-    # see head._token_features (+ the last hypergradient cosine, + progress)
+    # see tensor_context._token_features (+ the last hypergradient cosine, + progress)
     return 4 + (1 if config.memory_step_size else 0) + (2 if config.progress_schedule else 0)
 
 

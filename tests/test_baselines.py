@@ -130,7 +130,8 @@ def test_fresh_lstm_trains_like_adam(spec, steps):
         assert float(lstm["test_accuracy"]) > 0.8
 
 
-@pytest.mark.parametrize("module", ["baselines", "optimizers", "checkpoint", "head"])
+@pytest.mark.parametrize("module", ["baselines", "optimizers", "checkpoint", "initializers", "schedule", "step_size",
+                                    "tensor_context", "head", "coordinate"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from mnemosyne_core.head import DRIFT_SCALE
 from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta, mnemosyne
+from mnemosyne_core.step_size import DRIFT_SCALE
 
 HD = MnemosyneConfig(hypergradient=True, learning_rate=3e-3, hypergradient_rate=0.2, init_log_lr=-0.5,
                      min_log_lr=-3.0, max_log_lr=1.0)

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import mnemosyne_core as mn
-from mnemosyne_core.head import hypergradient_cosine, memory_log_lr
 from mnemosyne_core.mnemosyne import MnemosyneConfig, init_theta, mnemosyne
+from mnemosyne_core.step_size import hypergradient_cosine, memory_log_lr
 
 CONFIG = MnemosyneConfig(memory_step_size=True, direction_correction=False, use_param_feature=False,
                          progress_schedule=True, learning_rate=1e-2, memory_step_rate=0.1)

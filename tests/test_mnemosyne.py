@@ -271,3 +271,20 @@ def test_scalars_empty_and_odd_shapes(variant):
         assert u.shape == p.shape and bool(jnp.all(jnp.isfinite(u)))
         np.testing.assert_allclose(u, jnp.full(p.shape, -config.learning_rate), rtol=1e-4)  # Adam's first step
     assert int(state.count) == 1
+
+
+def test_states_pickled_before_the_head_split_still_load():
+    """``TensorMemory`` moved from ``head`` to ``tensor_context``; the meta-trainer's
+    ``evaluator_state.pkl`` (persistent inner states) written before records it as
+    ``mnemosyne_core.head.TensorMemory``, and a ``--resume`` must still read it."""
+    import pickle
+
+    from mnemosyne_core.tensor_context import TensorMemory, init_tensor_memory
+
+    memory = jax.device_get(init_tensor_memory(2, 2, 4, num_features=4, value_width=2, log_lr=-0.5))
+    new = pickle.dumps(memory, protocol=2)  # protocol 2 names the class as text: "module\nname\n"
+    old = new.replace(b"mnemosyne_core.tensor_context\nTensorMemory", b"mnemosyne_core.head\nTensorMemory")
+    assert old != new
+    restored = pickle.loads(old)
+    assert isinstance(restored, TensorMemory)
+    np.testing.assert_array_equal(restored.log_lr, memory.log_lr)

@@ -10,7 +10,6 @@ import optax
 import pytest
 
 import mnemosyne_core as mn
-from mnemosyne_core.head import progress_features, progress_log_schedule
 from mnemosyne_core.meta.config import ConfigError, EstimatorConfig
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.unroll import init_inner, run_chunk
@@ -21,6 +20,7 @@ from mnemosyne_core.mnemosyne import (
     scale_by_mnemosyne,
     scheduled,
 )
+from mnemosyne_core.schedule import progress_features, progress_log_schedule
 from mnemosyne_core.tasks import TaskSpec, make_task
 
 BASE = {"variant": "tensor", "hypergradient": True, "direction_correction": False, "use_param_feature": False,
