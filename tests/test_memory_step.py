@@ -41,7 +41,7 @@ def _run(theta, config=CONFIG, steps=30, **extra):
 
 def test_fresh_theta_is_adam_with_a_constant_step():
     theta = init_theta(jax.random.key(3), CONFIG)
-    params, state, ups = _run(theta, total_steps=30)
+    _params, state, ups = _run(theta, total_steps=30)
     adam = optax.adam(1e-2)
     p, s = PARAMS, adam.init(PARAMS)
     for i in range(30):
@@ -54,7 +54,7 @@ def test_fresh_theta_is_adam_with_a_constant_step():
 def test_the_read_out_moves_the_log_step_size_by_at_most_the_rate_per_step():
     theta = init_theta(jax.random.key(0), CONFIG)
     theta["ctrl"]["b"] = jnp.float32(0.5)  # every meta-token asks for a larger step
-    _, state, ups = _run(theta, steps=10)
+    _, state, _ups = _run(theta, steps=10)
     want = 10 * 0.1 * math.tanh(0.5)
     np.testing.assert_allclose(state.memory.log_lr, [want, want], rtol=1e-5)
     theta["ctrl"]["b"] = jnp.float32(50.0)
