@@ -128,7 +128,7 @@ def test_told_and_schedule_columns(progress_results):
 def test_ablation_columns_run_the_ablated_theta(progress_results):
     # θ here is a fresh θ plus a learned schedule: without its schedule it is its fresh θ, and
     # without its (never trained, zero) memory read-outs it is itself — seed for seed.
-    results, learned = progress_results
+    results, _learned = progress_results
     for task_res in results["tasks"].values():
         seeds = task_res["horizons"]["1"]["final_train_loss_seeds"]
         assert seeds["ours[-schedule]+T"] == pytest.approx(seeds["ours[fresh]+T"], rel=1e-6)
