@@ -3,7 +3,8 @@
 Compares the shipped learned optimizers (``default``, ``robotics``), Adam's best
 learning rate from a grid, Adam(1e-3) and any extra optimizer specs, over
 ``--seeds`` seeds per env; and, given two meta-training run folders, whether the
-robotics optimizer initialised from its parent (``default_v1``) converges faster (meta-loss per
+robotics optimizer initialised from its parent (``default_v1``: ``meta-train --config robotics
+--init-from mnemosyne_core/pretrained/superseded/default_v1.msgpack``) converges faster (meta-loss per
 generation) than one meta-trained from a fresh θ with the same config and budget.
 
     .venv/bin/python benchmarks/robotics_eval.py --out runs/robotics_eval

@@ -5,17 +5,30 @@ checkpoint format) and are produced by the documented meta-training commands:
 
 * ``default`` — ``mnemosyne meta-train --config default --seed 0 --out runs/default``
   (``runs/default/optimizer.msgpack``);
-* ``default_ceiling`` — ``mnemosyne meta-train --config default_ceiling --seed 0``: ``default`` with a
-  falling ceiling on its step size, for runs much longer than the 400-step meta-training horizon;
 * ``lstm`` — the LSTM baseline, the same config (as of commit 2933842) and budget:
   ``mnemosyne meta-train --config default --optimizer-kind lstm --seed 0 --out runs/default_lstm``;
-* ``default_v1`` — the first shipped ``default`` (before the hypergradient step sizes:
-  Adam's direction with a learned per-coordinate correction and a loss-progress feature),
-  ``meta-train --config default --seed 0`` at commit 1c51e63; kept as ``robotics``' parent;
-* ``robotics`` — ``mnemosyne meta-train --config robotics --init-from default_v1 --seed 0``:
-  ``default_v1`` meta-fine-tuned on gymnax policy tasks.
+* ``robotics`` — ``mnemosyne meta-train --config robotics --init-from
+  mnemosyne_core/pretrained/superseded/default_v1.msgpack --seed 0``: ``default_v1`` meta-fine-tuned
+  on gymnax policy tasks.
 
-Each checkpoint's metadata records the config, seed, generation, code and JAX versions.
+Each checkpoint's metadata records the config, seed, generation, code and JAX versions; one
+meta-fine-tuned from another (``--init-from``) also records its parent (``metadata["parent"]``:
+source, config name, code version, generation, seed).
+
+Superseded optimizers are not shipped names (:func:`available` does not list them) but stay in
+``mnemosyne_core/pretrained/superseded/`` (:data:`SUPERSEDED_DIR`), loaded by path — e.g.
+``load_optimizer(str(SUPERSEDED_DIR / "default_v1.msgpack"))``, ``mnemosyne_core.load(path)`` or
+``meta-train --init-from PATH`` — for comparisons and lineage; their configs are in ``configs/superseded/``:
+
+* ``default_v1`` — the first shipped ``default`` (before the hypergradient step sizes: Adam's
+  direction with a learned per-coordinate correction and a loss-progress feature),
+  ``meta-train --config default --seed 0`` at commit 1c51e63; ``robotics``' parent;
+* ``default_v2`` — the shipped ``default`` of 2026-12-05 (per-tensor hypergradient step sizes,
+  a bounded HPE → CAM gain, a learned schedule over t/T and a fixed long-run guard past step 400),
+  ``meta-train --config default --seed 0`` with the config now in ``configs/superseded/default_v2.toml``;
+* ``default_ceiling`` — ``default_v2`` with a step ceiling that falls over t/T, for runs much
+  longer than the 400-step meta-training horizon:
+  ``meta-train --config configs/superseded/default_ceiling.toml --seed 0``.
 
 Example:
     >>> import jax.numpy as jnp
@@ -33,9 +46,11 @@ from typing import Any
 
 import optax
 
-__all__ = ["PRETRAINED_DIR", "PretrainedError", "available", "load_optimizer", "pretrained", "pretrained_theta"]
+__all__ = ["PRETRAINED_DIR", "SUPERSEDED_DIR", "PretrainedError", "available", "load_optimizer", "pretrained", "pretrained_theta"]
 
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
+#: Superseded optimizers: not shipped names, loaded by path (``load_optimizer(str(SUPERSEDED_DIR / "default_v1.msgpack"))``).
+SUPERSEDED_DIR = PRETRAINED_DIR / "superseded"
 
 
 class PretrainedError(KeyError):

@@ -84,3 +84,49 @@ def test_exported_functions_not_shadowed_by_submodules():
 
     assert callable(mn.mnemosyne) and not isinstance(mn.mnemosyne, type(mn))
     assert mn.mnemosyne.__name__ == "mnemosyne"
+
+
+def test_shipped_optimizers_are_default_lstm_robotics_and_superseded_ones_load_by_path():
+    import jax
+    import numpy as np
+    import pytest
+
+    import mnemosyne_core as mn
+    from mnemosyne_core.pretrained import (
+        SUPERSEDED_DIR,
+        PretrainedError,
+        available,
+        load_optimizer,
+        pretrained_theta,
+    )
+
+    assert available() == ["default", "lstm", "robotics"]
+    superseded = {p.stem: p for p in SUPERSEDED_DIR.glob("*.msgpack")}
+    assert set(superseded) == {"default_v1", "default_v2", "default_ceiling"}
+    for name, path in sorted(superseded.items()):
+        with pytest.raises(PretrainedError, match="available: default, lstm, robotics"):
+            pretrained_theta(name)  # not a shipped name any more ...
+        theta, config, meta = load_optimizer(str(path))  # ... but loads by path
+        assert meta["source"] == str(path) and meta["generation"] > 0
+        theta_mn, config_mn, _ = mn.load(path)
+        assert config_mn == config
+        jax.tree.map(np.testing.assert_array_equal, theta_mn, theta)
+        tx = mn.mnemosyne(theta, config)  # usable as an optimizer
+        params = {"w": jax.numpy.ones(3)}
+        updates, _ = tx.update(params, tx.init(params), params, loss=jax.numpy.float32(1.0), total_steps=10)
+        assert np.isfinite(np.asarray(updates["w"])).all()
+
+
+def test_superseded_configs_still_rebuild_their_superseded_optimizers():
+    # configs/superseded/NAME.toml is what produced pretrained/superseded/NAME.msgpack (default_v1's
+    # config is configs/default.toml at commit 1c51e63): same architecture, budget and seed.
+    from mnemosyne_core import checkpoint
+    from mnemosyne_core.meta.config import CONFIG_DIR, load_config
+    from mnemosyne_core.meta.evaluator import learned_optimizer
+    from mnemosyne_core.pretrained import SUPERSEDED_DIR
+
+    for name in ("default_v2", "default_ceiling"):
+        _, config, meta = checkpoint.load(SUPERSEDED_DIR / f"{name}.msgpack")
+        cfg = load_config(CONFIG_DIR / "superseded" / f"{name}.toml")
+        assert config == learned_optimizer(cfg).config, name
+        assert (meta["generation"], meta["seed"]) == (cfg.generations, cfg.seed), name

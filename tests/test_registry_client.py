@@ -159,10 +159,10 @@ def test_load_uri_accepts_a_checkpoint_from_an_older_release_and_checks_its_arch
     # default_v1 was written before later config fields existed: its header's spec lacks them
     # (they load with their defaults), and the record is copied from that header.
     from mnemosyne_core import checkpoint
-    from mnemosyne_core.pretrained import PRETRAINED_DIR
+    from mnemosyne_core.pretrained import SUPERSEDED_DIR
     from mnemosyne_registry import load_uri
 
-    data = (PRETRAINED_DIR / "default_v1.msgpack").read_bytes()
+    data = (SUPERSEDED_DIR / "default_v1.msgpack").read_bytes()
     header, _ = checkpoint.read_header(data)
     theta, config, meta = checkpoint.from_bytes(data)
     assert header["architecture"] != checkpoint.architecture_spec(config)  # the case under test

@@ -61,8 +61,8 @@ def test_grpcs_uris_trust_the_ca_in_the_environment(cert, tmp_path, monkeypatch)
     import jax
     import numpy as np
 
-    from mnemosyne_core import loading
-    from mnemosyne_core.pretrained import PRETRAINED_DIR, pretrained_theta
+    from mnemosyne_core import checkpoint, loading
+    from mnemosyne_core.pretrained import SUPERSEDED_DIR
     from service.robotics.optimizers import OptimizerSpecError, resolve_optimizer
 
     key, crt = cert
@@ -72,7 +72,7 @@ def test_grpcs_uris_trust_the_ca_in_the_environment(cert, tmp_path, monkeypatch)
     plain_srv.start()
     try:
         with RegistryClient(f"grpcs://127.0.0.1:{tls_port}", tls_ca=crt) as client:
-            client.publish(PRETRAINED_DIR / "default_v1.msgpack", "parent")
+            client.publish(SUPERSEDED_DIR / "default_v1.msgpack", "parent")
         uri = f"grpcs://127.0.0.1:{tls_port}/parent"
         monkeypatch.delenv("MNEMOSYNE_REGISTRY_CA", raising=False)
         with pytest.raises(OptimizerSpecError, match="UNAVAILABLE"):  # the system roots don't trust it
@@ -82,7 +82,7 @@ def test_grpcs_uris_trust_the_ca_in_the_environment(cert, tmp_path, monkeypatch)
         _, info = resolve_optimizer(uri)
         assert info["kind"] == "mnemosyne"
         theta, _, _ = loading.load(uri)
-        jax.tree.map(np.testing.assert_array_equal, theta, pretrained_theta("default_v1")[0])
+        jax.tree.map(np.testing.assert_array_equal, theta, checkpoint.load(SUPERSEDED_DIR / "default_v1.msgpack")[0])
         # The CA applies to grpcs:// only: a plaintext target stays plaintext.
         with RegistryClient(f"grpc://127.0.0.1:{plain_port}", timeout=5) as plain:
             assert plain.list() is not None

@@ -168,23 +168,32 @@ def test_gymnax_policy_improves_with_mnemosyne(env):
 def test_shipped_robotics_optimizer_trains_a_policy():
     tx, info = resolve_optimizer("robotics")  # mnemosyne_core/pretrained/robotics.msgpack
     assert info["kind"] == "mnemosyne" and info["metadata"]["config_name"] == "robotics"
-    assert info["metadata"]["parent"]["source"] == "pretrained:default_v1"  # initialised from default_v1
+    # Initialised from default_v1 when it was still a shipped name (the file's historical lineage);
+    # default_v1 is now superseded, at mnemosyne_core/pretrained/superseded/default_v1.msgpack.
+    assert info["metadata"]["parent"]["source"] == "pretrained:default_v1"
     kwargs, _, steps = GYMNAX_RUNS["gymnax_acrobot"]
     result = train_policy(make_task({"name": "gymnax_acrobot", "kwargs": kwargs}), tx, steps=steps,
                           seed=0, eval_every=steps // 4)
     assert _best_gain(result) > 150  # reaches the goal, as Adam's check asks
 
 
-def test_shipped_robotics_descends_from_the_shipped_default_v1():
-    # `meta-train --config robotics --init-from default_v1` takes the architecture from the
-    # parent; configs/robotics.toml must name the same one, or its fresh-θ run (the
-    # initialisation comparison) would meta-train a different optimizer.
+def test_shipped_robotics_descends_from_the_superseded_default_v1():
+    # `meta-train --config robotics --init-from mnemosyne_core/pretrained/superseded/default_v1.msgpack`
+    # takes the architecture from the parent; configs/robotics.toml must name the same one, or its
+    # fresh-θ run (the initialisation comparison) would meta-train a different optimizer.
     from mnemosyne_core.meta.config import MetaConfig, load_config
     from mnemosyne_core.meta.evaluator import learned_optimizer
-    from mnemosyne_core.pretrained import pretrained_theta
+    from mnemosyne_core.pretrained import (
+        SUPERSEDED_DIR,
+        available,
+        load_optimizer,
+        pretrained_theta,
+    )
 
     theta, config, meta = pretrained_theta("robotics")
-    p_theta, p_config, p_meta = pretrained_theta("default_v1")
+    assert "default_v1" not in available()  # superseded: reachable by path and through the lineage only
+    assert meta["parent"]["source"] == "pretrained:default_v1"  # recorded when it was a shipped name
+    p_theta, p_config, p_meta = load_optimizer(str(SUPERSEDED_DIR / "default_v1.msgpack"))
     assert config == p_config and p_meta["config_name"] == "default"
     assert {k: meta["parent"][k] for k in ("code_version", "generation", "seed")} == \
         {k: p_meta[k] for k in ("code_version", "generation", "seed")}
@@ -223,11 +232,13 @@ def test_optimizer_specs():
                        ("grpcs://127.0.0.1:1/robotics", "cannot load optimizer .*UNAVAILABLE")]:
         with pytest.raises(OptimizerSpecError, match=match):
             resolve_optimizer(bad)
-    # Every optimizer the package ships is a valid spec (robotics' parent default_v1 too).
-    from mnemosyne_core.pretrained import available
+    # Every optimizer the package ships is a valid spec (the LSTM baseline was meta-trained with the
+    # `default` config), and so is a superseded one's path (robotics' parent default_v1).
+    from mnemosyne_core.pretrained import SUPERSEDED_DIR, available
 
-    for name in available():
-        assert resolve_optimizer(name)[1]["metadata"]["config_name"] in {"default", "default_ceiling", "robotics"}
+    assert {resolve_optimizer(name)[1]["metadata"]["config_name"] for name in available()} == {"default", "robotics"}
+    for path in sorted(SUPERSEDED_DIR.glob("*.msgpack")):
+        assert resolve_optimizer(str(path))[1]["kind"] == "mnemosyne", path
 
 
 def test_shipped_name_is_not_hidden_by_a_directory(tmp_path, monkeypatch):
@@ -309,17 +320,17 @@ max_unroll = 8
 def test_cli_meta_fine_tunes_a_registry_optimizer_on_robotics_and_publishes(tmp_path, capsys):
     pytest.importorskip("grpc")
     from mnemosyne_core import checkpoint
-    from mnemosyne_core.pretrained import PRETRAINED_DIR, pretrained_theta
+    from mnemosyne_core.pretrained import SUPERSEDED_DIR
     from mnemosyne_registry import RegistryClient
     from service.demo import start_registry, stop
 
     cfg_path = tmp_path / "tiny_robotics.toml"
     cfg_path.write_text(_TINY_ROBOTICS)
-    parent_theta, parent_config, _ = pretrained_theta("default_v1")
+    parent_theta, parent_config, _ = checkpoint.load(SUPERSEDED_DIR / "default_v1.msgpack")
     proc, uri = start_registry(tmp_path / "registry", tmp_path / "registry.log")
     try:
         client = RegistryClient(uri.removeprefix("grpc://"))
-        client.publish(PRETRAINED_DIR / "default_v1.msgpack", "parent")  # a published optimizer
+        client.publish(SUPERSEDED_DIR / "default_v1.msgpack", "parent")  # a published optimizer
         out = tmp_path / "run"
         code, _, err = _run_cli(["meta-train", "--config", str(cfg_path), "--out", str(out), "--no-progress",
                                 "--init-from", f"{uri}/parent", "--publish", f"{uri}/robotics-ft"], capsys)

@@ -6,7 +6,8 @@ Examples::
     mnemosyne meta-train --config default --seed 0 --out runs/default          # the shipped optimizer
     mnemosyne meta-train --config default --optimizer-kind lstm --out runs/lstm   # the LSTM baseline
     mnemosyne meta-train --config quick --out runs/quick --resume --generations 20
-    mnemosyne meta-train --config robotics --init-from default_v1 --out runs/robotics \\
+    mnemosyne meta-train --config robotics --out runs/robotics \\
+        --init-from mnemosyne_core/pretrained/superseded/default_v1.msgpack \\
         --publish grpc://127.0.0.1:50051/robotics
     mnemosyne meta-train --config quick --backend ray --workers 2 --out runs/ray
 
