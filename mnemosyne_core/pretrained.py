@@ -4,7 +4,10 @@ Checkpoints live in ``mnemosyne_core/pretrained/<name>.msgpack`` (the core
 checkpoint format) and are produced by the documented meta-training commands:
 
 * ``default`` — ``mnemosyne meta-train --config default --seed 0 --out runs/default``
-  (``runs/default/optimizer.msgpack``);
+  (``runs/default/optimizer.msgpack``; 150 generations, 2026-12-03, exp8, plus the long-run guard and
+  hypergradient clock of 2026-12-05): the tensor variant with per-tensor hypergradient step sizes,
+  Adam's direction and a bounded per-chunk gain set by HPE → CAM; told ``total_steps`` it runs a
+  learned schedule over t/T, and past step 400 a long-run guard and hypergradient clock act;
 * ``lstm`` — the LSTM baseline, the same config (as of commit 2933842) and budget:
   ``mnemosyne meta-train --config default --optimizer-kind lstm --seed 0 --out runs/default_lstm``;
 * ``robotics`` — ``mnemosyne meta-train --config robotics --init-from
@@ -23,12 +26,12 @@ Superseded optimizers are not shipped names (:func:`available` does not list the
 * ``default_v1`` — the first shipped ``default`` (before the hypergradient step sizes: Adam's
   direction with a learned per-coordinate correction and a loss-progress feature),
   ``meta-train --config default --seed 0`` at commit 1c51e63; ``robotics``' parent;
-* ``default_v2`` — the shipped ``default`` of 2026-12-05 (per-tensor hypergradient step sizes,
-  a bounded HPE → CAM gain, a learned schedule over t/T and a fixed long-run guard past step 400),
-  ``meta-train --config default --seed 0`` with the config now in ``configs/superseded/default_v2.toml``;
-* ``default_ceiling`` — ``default_v2`` with a step ceiling that falls over t/T, for runs much
-  longer than the 400-step meta-training horizon:
+* ``default_ceiling`` — ``default`` (exp8's θ, without the guard and clock) with a step ceiling
+  that falls over t/T, for runs much longer than the 400-step meta-training horizon:
   ``meta-train --config configs/superseded/default_ceiling.toml --seed 0``.
+
+``configs/memory_step.toml`` is the recipe of the memory step-size design (HPE → CAM set each
+tensor's step size), evaluated but not shipped — see docs/benchmarks.md.
 
 Example:
     >>> import jax.numpy as jnp

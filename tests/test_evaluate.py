@@ -293,15 +293,14 @@ def test_shipped_default_is_what_its_documented_command_produces(name):
 
 
 def test_shipped_long_run_guard_never_acts_within_the_meta_training_horizon():
-    # default_v2's (the superseded `default` of 2026-12-05) step ceiling and hypergradient clock (the
-    # long-run guard) start where its longest meta-training unroll ends: ES never saw them act, and a
-    # run of ≤ 400 steps runs exactly the rule that was trained.
-    from mnemosyne_core import checkpoint
-    from mnemosyne_core.meta.config import CONFIG_DIR, load_config
-    from mnemosyne_core.pretrained import SUPERSEDED_DIR
+    # `default`'s step ceiling and hypergradient clock (the long-run guard) start where its longest
+    # meta-training unroll ends: ES never saw them act, and a run of ≤ 400 steps runs exactly the
+    # rule that was trained.
+    from mnemosyne_core.meta.config import load_config
+    from mnemosyne_core.pretrained import pretrained_theta
 
-    _, config, _ = checkpoint.load(SUPERSEDED_DIR / "default_v2.msgpack")
-    tasks = load_config(CONFIG_DIR / "superseded" / "default_v2.toml").tasks
+    _, config, _ = pretrained_theta("default")
+    tasks = load_config("default").tasks
     longest = max([tasks.max_unroll] + [max(s.get("unroll", [0])) for s in tasks.spec_dicts])
     assert config.max_log_step > 0 and config.step_ceiling_decay > 0
     assert config.step_ceiling_from >= longest

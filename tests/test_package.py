@@ -102,7 +102,7 @@ def test_shipped_optimizers_are_default_lstm_robotics_and_superseded_ones_load_b
 
     assert available() == ["default", "lstm", "robotics"]
     superseded = {p.stem: p for p in SUPERSEDED_DIR.glob("*.msgpack")}
-    assert set(superseded) == {"default_v1", "default_v2", "default_ceiling"}
+    assert set(superseded) == {"default_v1", "default_ceiling"}
     for name, path in sorted(superseded.items()):
         with pytest.raises(PretrainedError, match="available: default, lstm, robotics"):
             pretrained_theta(name)  # not a shipped name any more ...
@@ -119,13 +119,14 @@ def test_shipped_optimizers_are_default_lstm_robotics_and_superseded_ones_load_b
 
 def test_superseded_configs_still_rebuild_their_superseded_optimizers():
     # configs/superseded/NAME.toml is what produced pretrained/superseded/NAME.msgpack (default_v1's
-    # config is configs/default.toml at commit 1c51e63): same architecture, budget and seed.
+    # config is configs/default.toml at commit 1c51e63, so only default_ceiling has one here): same
+    # architecture, budget and seed.
     from mnemosyne_core import checkpoint
     from mnemosyne_core.meta.config import CONFIG_DIR, load_config
     from mnemosyne_core.meta.evaluator import learned_optimizer
     from mnemosyne_core.pretrained import SUPERSEDED_DIR
 
-    for name in ("default_v2", "default_ceiling"):
+    for name in ("default_ceiling",):
         _, config, meta = checkpoint.load(SUPERSEDED_DIR / f"{name}.msgpack")
         cfg = load_config(CONFIG_DIR / "superseded" / f"{name}.toml")
         assert config == learned_optimizer(cfg).config, name
