@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnemosyne_core.tasks import transformer as tf
 from mnemosyne_core.tasks.base import TaskSpec
 from mnemosyne_core.tasks.classification import check_nonnegative, check_positive_int
 
@@ -142,32 +143,7 @@ def load_corpus(corpus: str) -> tuple[str, np.ndarray, np.ndarray]:
     return vocab, train, val
 
 
-def _dense(key: jax.Array, n_in: int, n_out: int, gain: float = 1.0) -> dict:
-    w = jax.random.normal(key, (n_in, n_out), jnp.float32) * (gain / math.sqrt(n_in))
-    return {"w": w, "b": jnp.zeros((n_out,), jnp.float32)}
-
-
-def _layer_norm_params(dim: int) -> dict:
-    return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
-
-
-def _layer_norm(p: dict, x: jax.Array) -> jax.Array:
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
-
-
-def _causal_attention(p: dict, x: jax.Array, heads: int) -> jax.Array:
-    b, t, d = x.shape
-    qkv = (x @ p["qkv"]["w"] + p["qkv"]["b"]).reshape(b, t, 3, heads, d // heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // heads)
-    # Position q attends to keys k ≤ q only; the diagonal is always allowed, so no row is all-masked
-    # and a finite fill value cannot produce NaN.
-    mask = jnp.tril(jnp.ones((t, t), bool))
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, d)
-    return out @ p["proj"]["w"] + p["proj"]["b"]
+_EPS = 1e-5  # LayerNorm epsilon (the ViT's is 1e-6; each task keeps its own, see transformer.py)
 
 
 class CharLMTask:
@@ -225,12 +201,12 @@ class CharLMTask:
         }
         for i in range(self.depth):
             params[f"block_{i}"] = {
-                "ln1": _layer_norm_params(d),
-                "attn": {"qkv": _dense(next(keys), d, 3 * d), "proj": _dense(next(keys), d, d, residual)},
-                "ln2": _layer_norm_params(d),
-                "mlp": {"fc1": _dense(next(keys), d, hidden), "fc2": _dense(next(keys), hidden, d, residual)},
+                "ln1": tf.layer_norm_params(d),
+                "attn": {"qkv": tf.dense(next(keys), d, 3 * d), "proj": tf.dense(next(keys), d, d, residual)},
+                "ln2": tf.layer_norm_params(d),
+                "mlp": {"fc1": tf.dense(next(keys), d, hidden), "fc2": tf.dense(next(keys), hidden, d, residual)},
             }
-        params["ln_f"] = _layer_norm_params(d)
+        params["ln_f"] = tf.layer_norm_params(d)
         params["unembed"] = {"w": 0.02 * jax.random.normal(next(keys), (d, v), jnp.float32),
                              "b": jnp.zeros((v,), jnp.float32)}
         # Task augmentation (as the other tasks): rescaling the init keeps a rule from relying on one scale.
@@ -241,12 +217,8 @@ class CharLMTask:
         t = x.shape[-1]
         h = jnp.take(params["embed"], x, axis=0) + params["pos"][:t]
         for i in range(self.depth):  # depth is static and small: unrolled, one fused program
-            blk = params[f"block_{i}"]
-            h = h + _causal_attention(blk["attn"], _layer_norm(blk["ln1"], h), self.heads)
-            mlp = blk["mlp"]
-            z = jax.nn.gelu(_layer_norm(blk["ln2"], h) @ mlp["fc1"]["w"] + mlp["fc1"]["b"])
-            h = h + z @ mlp["fc2"]["w"] + mlp["fc2"]["b"]
-        return _layer_norm(params["ln_f"], h) @ params["unembed"]["w"] + params["unembed"]["b"]
+            h = tf.block(params[f"block_{i}"], h, self.heads, causal=True, eps=_EPS)
+        return tf.layer_norm(params["ln_f"], h, eps=_EPS) @ params["unembed"]["w"] + params["unembed"]["b"]
 
     def sample_batch(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         # One gather of (B, T+1) ids: jittable and vmappable, no Python loop over tokens.

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mnemosyne_core.tasks import transformer as tf
 from mnemosyne_core.tasks.base import TaskSpec
 from mnemosyne_core.tasks.classification import ClassificationTask, check_positive_int
 
@@ -44,28 +45,13 @@ def patchify(x: jax.Array, patch: int) -> jax.Array:
     return img.transpose(0, 1, 3, 2, 4).reshape(x.shape[0], n * n, patch * patch)
 
 
+# The ViT's numerics, kept bit-identical to its original code: LayerNorm eps 1e-6 and 1/√n
+# factors computed in float32 (see transformer's module docstring).
+_EPS = 1e-6
+
+
 def _dense(key: jax.Array, n_in: int, n_out: int) -> dict:
-    w = jax.random.normal(key, (n_in, n_out), jnp.float32) * jnp.sqrt(1.0 / n_in)
-    return {"w": w, "b": jnp.zeros((n_out,), jnp.float32)}
-
-
-def _layer_norm_params(dim: int) -> dict:
-    return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
-
-
-def _layer_norm(p: dict, x: jax.Array) -> jax.Array:
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-6) * p["scale"] + p["bias"]
-
-
-def _attention(p: dict, x: jax.Array, heads: int) -> jax.Array:
-    b, t, d = x.shape
-    qkv = (x @ p["qkv"]["w"] + p["qkv"]["b"]).reshape(b, t, 3, heads, d // heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d // heads).astype(x.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, d)
-    return out @ p["proj"]["w"] + p["proj"]["b"]
+    return tf.dense(key, n_in, n_out, float32_scale=True)
 
 
 class ViTTask(ClassificationTask):
@@ -101,12 +87,12 @@ class ViTTask(ClassificationTask):
         }
         for i in range(self.depth):
             params[f"block_{i}"] = {
-                "ln1": _layer_norm_params(d),
+                "ln1": tf.layer_norm_params(d),
                 "attn": {"qkv": _dense(next(keys), d, 3 * d), "proj": _dense(next(keys), d, d)},
-                "ln2": _layer_norm_params(d),
+                "ln2": tf.layer_norm_params(d),
                 "mlp": {"fc1": _dense(next(keys), d, hidden), "fc2": _dense(next(keys), hidden, d)},
             }
-        params["ln_f"] = _layer_norm_params(d)
+        params["ln_f"] = tf.layer_norm_params(d)
         params["head"] = _dense(next(keys), d, self.data.num_classes)
         return params
 
@@ -115,9 +101,5 @@ class ViTTask(ClassificationTask):
         cls = jnp.broadcast_to(params["cls"], (tokens.shape[0], 1, self.dim)).astype(tokens.dtype)
         h = jnp.concatenate([cls, tokens], axis=1) + params["pos"]
         for i in range(self.depth):
-            blk = params[f"block_{i}"]
-            h = h + _attention(blk["attn"], _layer_norm(blk["ln1"], h), self.heads)
-            mlp = blk["mlp"]
-            z = jax.nn.gelu(_layer_norm(blk["ln2"], h) @ mlp["fc1"]["w"] + mlp["fc1"]["b"])
-            h = h + z @ mlp["fc2"]["w"] + mlp["fc2"]["b"]
-        return _layer_norm(params["ln_f"], h[:, 0]) @ params["head"]["w"] + params["head"]["b"]
+            h = tf.block(params[f"block_{i}"], h, self.heads, causal=False, eps=_EPS, float32_scale=True)
+        return tf.layer_norm(params["ln_f"], h[:, 0], eps=_EPS) @ params["head"]["w"] + params["head"]["b"]
