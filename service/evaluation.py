@@ -135,22 +135,21 @@ class Learned:
         """A never meta-trained θ of the same config (the ablation's reference)."""
         return self.optimizer.init_theta(jax.random.key(0))
 
-    def parts(self) -> tuple[str, ...]:
-        """The learned parts that get an ablation column (:func:`mnemosyne_core.ablation_parts`)."""
+    def parts(self, mode: str = "plain") -> tuple[str, ...]:
+        """The learned parts that get an ablation column in ``mode``
+        (:func:`mnemosyne_core.ablation_parts`; none in direction mode, which keeps trained and fresh)."""
         from mnemosyne_core.ablation import ablation_parts
 
-        return ablation_parts(self.config)
+        return ablation_parts(self.config) if mode != "cos" else ()
 
     def thetas(self, mode: str) -> list[Any]:
-        """θ of each column of ``mode``, in :meth:`columns` order: trained, fresh, each ablation
-        (ablations in the plain and told modes; direction mode keeps trained and fresh)."""
+        """θ of each column of ``mode``, in :meth:`columns` order: trained, fresh, each ablation."""
         from mnemosyne_core.ablation import ablate
 
-        parts = self.parts() if mode != "cos" else ()
-        return [self.theta, self.fresh_theta(), *(ablate(self.theta, self.config, p) for p in parts)]
+        return [self.theta, self.fresh_theta(), *(ablate(self.theta, self.config, p) for p in self.parts(mode))]
 
     def columns(self, mode: str) -> list[str]:
-        parts = self.parts() if mode != "cos" else ()
+        parts = self.parts(mode)
         return [variant(self.label, mode=mode), variant(self.label, fresh=True, mode=mode),
                 *(variant(self.label, mode=mode, ablated=p) for p in parts)]
 
