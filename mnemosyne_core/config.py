@@ -59,14 +59,16 @@ class MnemosyneConfig:
     ``hypergradient`` and ``progress_schedule``. ``direction_correction=False`` (``tensor``) drops the learned
     per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
-    ``memory_step_size`` (``tensor`` only, instead of ``hypergradient``) hands the per-tensor log
-    step size to the memory: every step, HPE → CAM read the tensor's recent history (token statistics,
+    ``memory_step_size`` (``tensor`` only) hands the per-tensor log step size to the memory: every step, HPE → CAM read the tensor's recent history (token statistics,
     the current log step size, the cosine between the new gradient and the last direction, the
     progress) and a learned read-out of each meta-token gives a change of log step size,
     ``memory_step_rate``·tanh(·) per step, averaged over the tensor's meta-tokens and kept in
     ``[min_log_lr, max_log_lr]``. A fresh θ reads out 0: a constant step size α·e^``init_log_lr``
     (with the default config, Adam at α). What the memory learned is all of the step-size control, so
-    :func:`~mnemosyne_core.ablate` of ``"memory"`` shows what it buys.
+    :func:`~mnemosyne_core.ablate` of ``"memory"`` shows what it buys. With ``hypergradient`` too,
+    each step the hypergradient moves the log step size first and the memory's read-out then moves
+    it further (a fresh θ is the hypergradient rule alone): the memory learns how much to trust,
+    speed up or brake that rule, per tensor, from the tensor's history.
 
     ``progress_schedule`` (``tensor`` only) lets the optimizer use the training progress
     p = t/T when the caller tells it the horizon (``update(..., total_steps=T)``): p and a
@@ -161,9 +163,6 @@ class MnemosyneConfig:
             raise ValueError("hypergradient=True is implemented for the 'tensor' variant only")
         if self.memory_step_size and self.variant != "tensor":
             raise ValueError("memory_step_size=True is implemented for the 'tensor' variant only")
-        if self.memory_step_size and self.hypergradient:
-            raise ValueError("memory_step_size and hypergradient are two rules for the same per-tensor step "
-                             "size: choose one")
         if self.progress_schedule and self.variant != "tensor":
             raise ValueError("progress_schedule=True is implemented for the 'tensor' variant only")
         if self.schedule_knots < 2:

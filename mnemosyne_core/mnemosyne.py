@@ -359,28 +359,29 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                 if config.hypergradient or config.memory_step_size:
                     gg = jnp.sum(means[i, ..., 1] * layouts[i].token_counts())  # Σ mean·count = Σg²
                     hd_sums.append(hypergradient_sums(g, moments["m1"][i], v, gg, cv=cv, eps=config.eps))
-            if config.hypergradient and pooled:
+            if (config.hypergradient or config.memory_step_size) and pooled:
                 # The step size this step used was set by the previous steps' sums;
                 # this step's sums set the next one (one step late, no second pass).
-                rate = config.hypergradient_rate
-                if config.hypergradient_horizon > 0:
-                    # Told a horizon longer than meta-training's unrolls, slow the random walk
-                    # of log α (the greedy hypergradient's drift down under gradient noise
-                    # starved 2000-step runs of loss-floor tasks: docs/benchmarks.md). Told
-                    # only: untold runs and direction mode keep the trained rate.
-                    rate = rate * hypergradient_clock(told_total, config.hypergradient_horizon)
-                log_lr = hypergradient_log_lr(
-                    theta_s["hd"], state.memory.log_lr, jnp.stack(hd_sums), rate=rate,
-                    bounds=(config.min_log_lr, config.max_log_lr), down=config.hypergradient_down)
+                log_lr, bounds = state.memory.log_lr, (config.min_log_lr, config.max_log_lr)
+                sums = jnp.stack(hd_sums)
+                if config.hypergradient:
+                    rate = config.hypergradient_rate
+                    if config.hypergradient_horizon > 0:
+                        # Told a horizon longer than meta-training's unrolls, slow the random walk
+                        # of log α (the greedy hypergradient's drift down under gradient noise
+                        # starved 2000-step runs of loss-floor tasks: docs/benchmarks.md). Told
+                        # only: untold runs and direction mode keep the trained rate.
+                        rate = rate * hypergradient_clock(told_total, config.hypergradient_horizon)
+                    log_lr = hypergradient_log_lr(theta_s["hd"], log_lr, sums, rate=rate, bounds=bounds,
+                                                  down=config.hypergradient_down)
+                if config.memory_step_size:
+                    # The memory's read-out moves the step size (after the hypergradient's move when
+                    # both are on); this step's cosine (g_t against the last direction) is what the
+                    # memory reads next step.
+                    log_lr = memory_log_lr(ctrl_out, log_lr, rate=config.memory_step_rate, bounds=bounds)
+                    new_memory = new_memory._replace(
+                        hg_cos=jnp.where(ok, hypergradient_cosine(sums), state.memory.hg_cos))
                 new_memory = new_memory._replace(log_lr=jnp.where(ok, log_lr, state.memory.log_lr))
-            if config.memory_step_size and pooled:
-                # The memory's read-out sets the next step size; this step's cosine (g_t against
-                # the last direction) is what the memory reads next step.
-                log_lr = memory_log_lr(ctrl_out, state.memory.log_lr, rate=config.memory_step_rate,
-                                       bounds=(config.min_log_lr, config.max_log_lr))
-                hg_cos = hypergradient_cosine(jnp.stack(hd_sums))
-                new_memory = new_memory._replace(log_lr=jnp.where(ok, log_lr, state.memory.log_lr),
-                                                 hg_cos=jnp.where(ok, hg_cos, state.memory.hg_cos))
         else:
             new_moments = {"m1": [], "v": []}
             memories = []

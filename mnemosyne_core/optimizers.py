@@ -118,11 +118,12 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     "mnemosyne_tensor_sched": _mnemosyne_entry("mnemosyne_tensor_sched", variant="tensor", hypergradient=True,
                                                direction_correction=False, use_param_feature=False,
                                                progress_schedule=True),
-    # The shipped default's shape: HPE → CAM set each tensor's step size (memory_step_size),
-    # Adam's direction and the learned schedule (test_memory_step.py covers the rule itself).
+    # The hypergradient memory: each tensor's step size moved by the hypergradient rule and by
+    # HPE → CAM's read-out (memory_step_size), Adam's direction and the learned schedule
+    # (test_memory_step.py covers the rules themselves, each alone and together).
     "mnemosyne_tensor_mem": _mnemosyne_entry("mnemosyne_tensor_mem", variant="tensor", memory_step_size=True,
-                                             direction_correction=False, use_param_feature=False,
-                                             progress_schedule=True),
+                                             hypergradient=True, direction_correction=False,
+                                             use_param_feature=False, progress_schedule=True),
     "mnemosyne_coordinate": _mnemosyne_entry("mnemosyne_coordinate", variant="coordinate"),
     "lstm": _lstm_entry(),
     "adam": _hand_designed("adam", lambda: optax.adam(1e-3)),

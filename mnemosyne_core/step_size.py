@@ -2,8 +2,8 @@
 
 Every tensor ℓ has a log step size ``log α_ℓ`` relative to the configured α
 (``TensorMemory.log_lr``); the update of its coordinates is multiplied by ``exp(log α_ℓ)``. Two
-rules move it (config ``hypergradient`` or ``memory_step_size``, never both), and both read the
-same signal: with u_{t−1} = m̂_{t−1}/(√v̂_t+ε) the previous step's Adam direction,
+rules move it (config ``hypergradient`` and/or ``memory_step_size``; with both, the hypergradient
+moves it first and the memory's read-out then moves it further), and both read the same signal: with u_{t−1} = m̂_{t−1}/(√v̂_t+ε) the previous step's Adam direction,
 
     cos_t = g_t·u_{t−1} / (‖g_t‖ ‖u_{t−1}‖)        (:func:`hypergradient_sums`, :func:`hypergradient_cosine`)
 
@@ -15,7 +15,7 @@ Adaptation with Hypergradient Descent"), made scale-free by normalising to a cos
 
       log α ← clip(log α + κ₀·e^{log_kappa}·c + DRIFT_SCALE·drift),  c = cos_t (× ``down`` if < 0)
 
-* memory read-out (:func:`memory_log_lr`, θ ``ctrl``; the shipped design): the cosine is one of
+* memory read-out (:func:`memory_log_lr`, θ ``ctrl``): the cosine is one of
   the HPE token features, CAM remembers it, and each of the tensor's b meta-tokens reads out a
   proposal ``o_j`` (:func:`~mnemosyne_core.tensor_context.tensor_context`)::
 

@@ -106,8 +106,9 @@ def init_tensor_theta(
     if hypergradient:  # read by step_size.hypergradient_log_lr
         theta["hd"] = {name: jnp.zeros((), jnp.float32) for name in ("log_kappa", "drift", "log_lr0")}
     if memory_step_size:  # read out by tensor_context; step_size.memory_log_lr turns it into a step
-        theta["ctrl"] = {"w": jnp.zeros((ctx_in,), jnp.float32), "b": jnp.zeros((), jnp.float32),
-                         "log_lr0": jnp.zeros((), jnp.float32)}
+        theta["ctrl"] = {"w": jnp.zeros((ctx_in,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+        if not hypergradient:  # with both rules the offset of the initial step is hd's
+            theta["ctrl"]["log_lr0"] = jnp.zeros((), jnp.float32)
     if schedule_knots:  # read by schedule.progress_log_schedule
         theta["sched"] = {"knots": jnp.zeros((schedule_knots,), jnp.float32)}
     return theta

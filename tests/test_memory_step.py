@@ -1,6 +1,7 @@
 """The memory step size: HPE → CAM read out each tensor's log step-size change."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -122,9 +123,39 @@ def test_helpers():
     np.testing.assert_allclose(out, [0.05, -1.0], rtol=1e-6)
 
 
+def _both(**kw):
+    return dataclasses.replace(CONFIG, hypergradient=True, hypergradient_rate=0.15, learning_rate=1e-3, **kw)
+
+
+def test_with_the_hypergradient_a_fresh_memory_is_the_hypergradient_rule_alone():
+    both = _both()
+    hyper = _both(memory_step_size=False)
+    theta_b, theta_h = init_theta(jax.random.key(1), both), init_theta(jax.random.key(1), hyper)
+    assert set(theta_b["ctrl"]) == {"w", "b"} and set(theta_b["hd"]) == {"log_kappa", "drift", "log_lr0"}
+    for th in (theta_b, theta_h):  # trained-looking hypergradient and schedule, the same in both
+        th["hd"]["log_kappa"], th["hd"]["drift"] = jnp.float32(-1.0), jnp.float32(0.2)
+        th["sched"]["knots"] = jnp.linspace(0.0, -1.0, th["sched"]["knots"].shape[0])
+    _, sb, ub = _run(theta_b, config=both, steps=25, total_steps=25)
+    _, sh, uh = _run(theta_h, config=hyper, steps=25, total_steps=25)
+    np.testing.assert_allclose(sb.memory.log_lr, sh.memory.log_lr, rtol=1e-5, atol=1e-7)
+    assert 0.1 < float(jnp.max(jnp.abs(sb.memory.log_lr))) < 1.5  # the hypergradient moved it, within bounds
+    for a, b in zip(ub, uh):
+        np.testing.assert_allclose(a["w"], b["w"], rtol=1e-4, atol=1e-9)
+    # The memory's read-out moves the step on top of the hypergradient's move, and ablating it
+    # gives back the hypergradient rule with the same learned factors and schedule.
+    theta_b["ctrl"]["b"] = jnp.float32(0.5)
+    _, s_mem, _ = _run(theta_b, config=both, steps=25, total_steps=25)
+    assert np.all(np.asarray(s_mem.memory.log_lr) > np.asarray(sh.memory.log_lr) + 0.3)
+    _, s_abl, _ = _run(mn.ablate(theta_b, both, "memory"), config=both, steps=25, total_steps=25)
+    np.testing.assert_allclose(s_abl.memory.log_lr, sh.memory.log_lr, rtol=1e-5, atol=1e-7)
+    assert mn.ablation_parts(both) == ("memory", "schedule", "initial_step", "hypergradient")
+    # The offset of the initial step is hd's (one number for one quantity).
+    theta_b["hd"]["log_lr0"] = jnp.float32(math.log(2.0))
+    _, s0, _ = _run(theta_b, config=both, steps=0)
+    np.testing.assert_allclose(s0.memory.log_lr, [math.log(2.0)] * 2, rtol=1e-6)
+
+
 def test_config_validation():
-    with pytest.raises(ValueError, match="choose one"):
-        MnemosyneConfig(memory_step_size=True, hypergradient=True)
     with pytest.raises(ValueError, match="tensor"):
         MnemosyneConfig(variant="coordinate", memory_step_size=True)
     with pytest.raises(ValueError, match="memory_step_rate"):
