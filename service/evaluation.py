@@ -137,10 +137,14 @@ class Learned:
 
     def parts(self, mode: str = "plain") -> tuple[str, ...]:
         """The learned parts that get an ablation column in ``mode``
-        (:func:`mnemosyne_core.ablation_parts`; none in direction mode, which keeps trained and fresh)."""
+        (:func:`mnemosyne_core.ablation_parts`; none in direction mode, which keeps trained and fresh,
+        and no ``schedule`` untold, where the learned schedule does not act: that column would be
+        the trained one again)."""
         from mnemosyne_core.ablation import ablation_parts
 
-        return ablation_parts(self.config) if mode != "cos" else ()
+        if mode == "cos":
+            return ()
+        return tuple(p for p in ablation_parts(self.config) if mode == "told" or p != "schedule")
 
     def thetas(self, mode: str) -> list[Any]:
         """θ of each column of ``mode``, in :meth:`columns` order: trained, fresh, each ablation."""

@@ -111,7 +111,7 @@ def test_told_and_schedule_columns(progress_results):
     results, learned = progress_results
     cols = results["config"]["learned"]["ours"]
     parts = ["memory", "schedule", "initial_step", "hypergradient"]
-    assert cols == ["ours", "ours[fresh]", *(f"ours[-{p}]" for p in parts),
+    assert cols == ["ours", "ours[fresh]", *(f"ours[-{p}]" for p in parts if p != "schedule"),
                     "ours+T", "ours[fresh]+T", *(f"ours[-{p}]+T" for p in parts), "ours+cos", "ours[fresh]+cos"]
     task_res = next(iter(results["tasks"].values()))
     seeds = task_res["horizons"]["1"]["final_train_loss_seeds"]
@@ -143,6 +143,10 @@ def test_ablation_columns_run_the_ablated_theta(progress_results):
     assert entry["vs_ablated"]["memory"]["wins"] == 0  # identical runs: never strictly lower
     assert "vs_ablated" not in next(e for e in results["summary"] if e["optimizer"] == "ours[-memory]+T")
     assert "without its schedule" in evaluation.format_table(results)
+    # Untold the learned schedule does not act: no column that would repeat the trained one.
+    untold = next(e for e in results["summary"] if e["optimizer"] == "ours")
+    assert set(untold["vs_ablated"]) == {"memory", "initial_step", "hypergradient"}
+    assert "ours[-schedule]" not in results["config"]["learned"]["ours"]
 
 
 def test_summary_lines_are_computed_from_the_task_rows(progress_results):
