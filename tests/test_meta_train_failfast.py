@@ -169,6 +169,8 @@ def test_generations_string_names_file_and_field(tmp_path, capsys):
     ({"outer": {"b1": 1.5}}, "outer.b1 must be a number in [0, 1), got 1.5"),
     ({"tasks": {"specs": [{"name": "quadratic"}], "min_unroll": "5"}}, "tasks.min_unroll must be an integer ≥ 1"),
     ({"tasks": {"specs": [{"name": "quadratic"}], "param_scale": ["a", 1]}}, "tasks.param_scale must be [lo, hi]"),
+    ({"tasks": {"specs": [{"name": "quadratic"}], "loss_scale": [1]}}, "tasks.loss_scale must be [lo, hi]"),
+    ({"tasks": {"specs": [{"name": "quadratic"}], "loss_scale": [10, 0.1]}}, "tasks.loss_scale must be 0 < lo ≤ hi"),
     ({"tasks": {"specs": [{"name": "quadratic", "kwargs": 5}]}}, "tasks.specs[0] 'quadratic': kwargs must be a table"),
     ({"tasks": {"specs": [{"name": 3}]}}, "tasks.specs[0].name must be a task name"),
     ({"estimator": 3}, "[estimator] must be a table"),

@@ -273,13 +273,15 @@ class TaskConfig:
     ``unroll = [min, max]``, for a task whose progress only shows after a longer horizon (a
     Pendulum policy's greedy return falls below the untrained one's for its first 150–200
     updates, so shorter unrolls reward the optimizer that moves least). Each parameter tensor
-    is reparameterised by a log-uniform factor in ``param_scale`` (task augmentation)."""
+    is reparameterised by a log-uniform factor in ``param_scale``, and each episode's loss (so
+    its gradients) is multiplied by a log-uniform factor in ``loss_scale`` (task augmentation)."""
 
     family: str = ""
     specs: Any = ()
     min_unroll: int = 50
     max_unroll: int = 200
     param_scale: tuple[float, float] = (1.0, 1.0)
+    loss_scale: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         _check_field_types(self, "tasks")
@@ -287,10 +289,11 @@ class TaskConfig:
             raise ConfigError("[tasks] needs exactly one of 'family' or 'specs'")
         if not isinstance(self.specs, tuple):  # a TOML array freezes to a tuple; a table would not
             raise ConfigError(f"tasks.specs must be a list of {{name, kwargs}} tables, got {_thaw(self.specs)!r}")
-        ps = self.param_scale
-        if not (isinstance(ps, (tuple, list)) and len(ps) == 2 and all(_is_number(x) and math.isfinite(x)
-                                                                        for x in ps)):
-            raise ConfigError(f"tasks.param_scale must be [lo, hi] (two numbers), got {_thaw(ps)!r}")
+        for name in ("param_scale", "loss_scale"):
+            ps = getattr(self, name)
+            if not (isinstance(ps, (tuple, list)) and len(ps) == 2 and all(_is_number(x) and math.isfinite(x)
+                                                                            for x in ps)):
+                raise ConfigError(f"tasks.{name} must be [lo, hi] (two numbers), got {_thaw(ps)!r}")
         if not 1 <= self.min_unroll <= self.max_unroll:
             raise ConfigError(f"need 1 ≤ min_unroll ≤ max_unroll, got {self.min_unroll}, {self.max_unroll}")
         for d in self.spec_dicts:
@@ -300,9 +303,10 @@ class TaskConfig:
                 if not (whole and len(u) == 2 and 1 <= u[0] <= u[1]):
                     raise ConfigError(f"tasks.specs {d['name']!r}: unroll must be [min, max] with 1 ≤ min ≤ max, "
                                       f"got {u!r}")
-        lo, hi = self.param_scale
-        if not 0 < lo <= hi:
-            raise ConfigError(f"tasks.param_scale must be 0 < lo ≤ hi, got {self.param_scale}")
+        for name in ("param_scale", "loss_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ConfigError(f"tasks.{name} must be 0 < lo ≤ hi, got {getattr(self, name)}")
 
     @property
     def spec_dicts(self) -> list[dict[str, Any]]:
@@ -372,9 +376,10 @@ class MetaConfig:
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in sections:
-                if key == "tasks" and isinstance(value, dict) and isinstance(value.get("param_scale"), list) and all(
-                        _is_number(x) for x in value["param_scale"]):
-                    value = {**value, "param_scale": tuple(float(x) for x in value["param_scale"])}
+                for name in ("param_scale", "loss_scale"):
+                    if key == "tasks" and isinstance(value, dict) and isinstance(value.get(name), list) and all(
+                            _is_number(x) for x in value[name]):
+                        value = {**value, name: tuple(float(x) for x in value[name])}
                 kwargs[key] = _build(sections[key], key, value)
             else:
                 kwargs[key] = value

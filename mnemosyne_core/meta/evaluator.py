@@ -43,7 +43,7 @@ from mnemosyne_core.meta.config import MetaConfig
 from mnemosyne_core.meta.learned import LearnedOptimizer
 from mnemosyne_core.meta.noise import TAG_INNER, perturbations, sub_key
 from mnemosyne_core.meta.protocol import PairResult, Status, Ticket
-from mnemosyne_core.meta.unroll import init_inner, run_chunk, scaled_params
+from mnemosyne_core.meta.unroll import InnerState, init_inner, run_chunk, scaled_params
 from mnemosyne_core.tasks import make_task
 
 __all__ = ["InnerStateStore", "LocalEvaluator", "evaluate_tickets", "inner_key", "learned_optimizer", "population"]
@@ -94,7 +94,16 @@ class InnerStateStore:
         return {k: (e, s, jax.device_get(st)) for k, (e, s, st) in self._items.items()}
 
     def load_state_dict(self, items: dict[int, tuple[int, int, Any]]) -> None:
-        self._items = {int(k): (int(e), int(s), jax.tree.map(jnp.asarray, st)) for k, (e, s, st) in items.items()}
+        self._items = {int(k): (int(e), int(s), _with_loss_scale(jax.tree.map(jnp.asarray, st)))
+                       for k, (e, s, st) in items.items()}
+
+
+def _with_loss_scale(st: Any) -> Any:
+    """A state pickled before ``loss_scale`` existed has the field's scalar default: give it the
+    batch shape of the other per-member scalars, so that it maps like them."""
+    if isinstance(st, InnerState) and jnp.shape(st.loss_scale) != jnp.shape(st.loss0):
+        return st._replace(loss_scale=jnp.broadcast_to(jnp.asarray(st.loss_scale, jnp.float32), jnp.shape(st.loss0)))
+    return st
 
 
 def is_told(ticket: Ticket, untold_fraction: float) -> bool:
@@ -126,7 +135,8 @@ def _compiled(spec_json: str, config: MetaConfig, unravel_key: Any, backprop: bo
         step = jax.jit(jax.vmap(jax.value_and_grad(one, has_aux=True)))
     else:
         step = jax.jit(jax.vmap(one))
-    init = jax.jit(jax.vmap(lambda k, th: init_inner(task, lo, unravel(th), k, config.tasks.param_scale),
+    init = jax.jit(jax.vmap(lambda k, th: init_inner(task, lo, unravel(th), k, config.tasks.param_scale,
+                                                                config.tasks.loss_scale),
                             in_axes=(0, None)))
     heldout = jax.jit(jax.vmap(lambda st: task.evaluate(scaled_params(st))["test_loss"]))
     return step, init, heldout

@@ -10,7 +10,10 @@ lengths share one compiled function and one K per task shape compiles once).
 
 Task augmentation: the task sees ``s ⊙ p̃`` while the optimizer trains ``p̃``,
 with one log-uniform factor ``s`` per tensor drawn from the episode key, so the
-rule cannot rely on one parameter scale. Data for step ``t`` comes from
+rule cannot rely on one parameter scale; and the optimizer trains ``c·loss``
+(so it sees ``c·loss`` and ``c·∇``) with one log-uniform factor ``c`` per episode,
+so it cannot rely on one loss or gradient scale. The meta-loss is a ratio to the
+(equally scaled) initial loss, so ``c`` does not change what is scored. Data for step ``t`` comes from
 ``fold_in(data_key, t)``: both halves of a pair see identical batches.
 
 Example:
@@ -47,6 +50,8 @@ class InnerState(NamedTuple):
     step: jax.Array  # int32 absolute inner step
     loss0: jax.Array  # float32 loss at step 0 (the meta-loss normaliser)
     data_key: jax.Array  # uint32 key data; batch t = sample_batch(fold_in(data_key, t))
+    # the episode's loss (and so gradient) factor c; a default so that states pickled before it load
+    loss_scale: jax.Array | float = 1.0
 
 
 class ChunkOut(NamedTuple):
@@ -61,21 +66,27 @@ def scaled_params(state: InnerState) -> Any:
     return jax.tree.map(lambda p, s: p * s, state.params, state.scales)
 
 
+def _log_uniform(key: jax.Array, shape: tuple[int, ...], bounds: tuple[float, float]) -> jax.Array:
+    lo, hi = (jnp.log(jnp.float32(x)) for x in bounds)
+    return jnp.exp(lo + (hi - lo) * jax.random.uniform(key, shape, jnp.float32))
+
+
 def init_inner(task: Any, lo: LearnedOptimizer, theta: Any, key: jax.Array,
-               param_scale: tuple[float, float]) -> InnerState:
+               param_scale: tuple[float, float], loss_scale: tuple[float, float] = (1.0, 1.0)) -> InnerState:
     """A fresh inner problem from one key (initialisation, augmentation, data)."""
     k_init, k_scale, k_data = jax.random.split(key, 3)
+    # Its own key folded from the episode key, so the draws above are those of runs before it
+    # existed; with (1, 1) the factor is exactly 1 and every loss and gradient is unchanged.
+    c = _log_uniform(jax.random.fold_in(key, 3), (), loss_scale)
     p0 = task.init(k_init)
     leaves, treedef = jax.tree.flatten(p0)
-    lo_s, hi_s = (jnp.log(jnp.float32(x)) for x in param_scale)
-    u = jax.random.uniform(k_scale, (len(leaves),), jnp.float32)
-    s = jnp.exp(lo_s + (hi_s - lo_s) * u)
+    s = _log_uniform(k_scale, (len(leaves),), param_scale)
     scales = treedef.unflatten([s[i].astype(leaf.dtype) for i, leaf in enumerate(leaves)])
     params = jax.tree.map(lambda p, si: p / si, p0, scales)
-    loss0 = task.loss(p0, task.sample_batch(jax.random.fold_in(k_data, 0)))
+    loss0 = c * task.loss(p0, task.sample_batch(jax.random.fold_in(k_data, 0)))
     opt_state = lo.transform(theta).init(params)
     return InnerState(params, opt_state, scales, jnp.zeros((), jnp.int32),
-                      jnp.asarray(loss0, jnp.float32), jax.random.key_data(k_data))
+                      jnp.asarray(loss0, jnp.float32), jax.random.key_data(k_data), c)
 
 
 def run_chunk(task: Any, lo: LearnedOptimizer, theta: Any, state: InnerState, num_steps: int,
@@ -95,7 +106,7 @@ def run_chunk(task: Any, lo: LearnedOptimizer, theta: Any, state: InnerState, nu
     data_key = jax.random.wrap_key_data(state.data_key)
 
     def inner_loss(p: Any, scales: Any, batch: Any) -> jax.Array:
-        return task.loss(jax.tree.map(lambda a, s: a * s, p, scales), batch)
+        return state.loss_scale * task.loss(jax.tree.map(lambda a, s: a * s, p, scales), batch)
 
     def step(carry, _):
         params, opt_state, t, acc, n, scored, last, ok = carry
