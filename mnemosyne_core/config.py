@@ -59,7 +59,8 @@ class MnemosyneConfig:
     ``hypergradient`` and ``progress_schedule``. ``direction_correction=False`` (``tensor``) drops the learned
     per-coordinate correction of Adam's direction: θ then sets only step sizes.
 
-    ``memory_step_size`` (``tensor`` only) hands the per-tensor log step size to the memory: every step, HPE → CAM read the tensor's recent history (token statistics,
+    ``memory_step_size`` (``tensor`` only) hands the per-tensor log step size to the memory: every
+    step, HPE → CAM read the tensor's recent history (token statistics,
     the current log step size, the cosine between the new gradient and the last direction, the
     progress) and a learned read-out of each meta-token gives a change of log step size,
     ``memory_step_rate``·tanh(·) per step, averaged over the tensor's meta-tokens and kept in

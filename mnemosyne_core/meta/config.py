@@ -376,10 +376,10 @@ class MetaConfig:
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in sections:
-                for name in ("param_scale", "loss_scale"):
-                    if key == "tasks" and isinstance(value, dict) and isinstance(value.get(name), list) and all(
-                            _is_number(x) for x in value[name]):
-                        value = {**value, name: tuple(float(x) for x in value[name])}
+                if key == "tasks" and isinstance(value, dict):  # TOML arrays → the fields' tuples
+                    value = {**value, **{name: tuple(float(x) for x in value[name])
+                                         for name in ("param_scale", "loss_scale")
+                                         if isinstance(value.get(name), list) and all(_is_number(x) for x in value[name])}}
                 kwargs[key] = _build(sections[key], key, value)
             else:
                 kwargs[key] = value

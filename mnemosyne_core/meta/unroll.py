@@ -13,8 +13,9 @@ with one log-uniform factor ``s`` per tensor drawn from the episode key, so the
 rule cannot rely on one parameter scale; and the optimizer trains ``c·loss``
 (so it sees ``c·loss`` and ``c·∇``) with one log-uniform factor ``c`` per episode,
 so it cannot rely on one loss or gradient scale. The meta-loss is a ratio to the
-(equally scaled) initial loss, so ``c`` does not change what is scored. Data for step ``t`` comes from
-``fold_in(data_key, t)``: both halves of a pair see identical batches.
+(equally scaled) initial loss, so ``c`` does not change what is scored. Data for
+step ``t`` comes from ``fold_in(data_key, t)``: both halves of a pair see
+identical batches.
 
 Example:
     >>> import jax
