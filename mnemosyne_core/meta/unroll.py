@@ -68,6 +68,7 @@ def scaled_params(state: InnerState) -> Any:
 
 
 def _log_uniform(key: jax.Array, shape: tuple[int, ...], bounds: tuple[float, float]) -> jax.Array:
+    """Factors drawn log-uniformly in ``[lo, hi]`` (task augmentation: a 10x wider range counts once)."""
     lo, hi = (jnp.log(jnp.float32(x)) for x in bounds)
     return jnp.exp(lo + (hi - lo) * jax.random.uniform(key, shape, jnp.float32))
 
