@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VARIANTS", "MnemosyneConfig"]
+__all__ = ["MEMORY_INPUTS", "VARIANTS", "MnemosyneConfig"]
 
 VARIANTS = ("tensor", "coordinate")
+MEMORY_INPUTS = ("all", "dynamics")  # what HPE → CAM read (MnemosyneConfig.memory_inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,16 @@ class MnemosyneConfig:
     it further (a fresh θ is the hypergradient rule alone): the memory learns how much to trust,
     speed up or brake that rule, per tensor, from the tensor's history.
 
+    ``memory_inputs`` (``tensor`` only) says what HPE → CAM read. ``"all"``: the token statistics,
+    the tensor's log step size (or, without a per-tensor step size, its log gradient scale) and,
+    told the horizon, the progress. ``"dynamics"``: only what is scale-free and task-agnostic in
+    the gradients' history — the momentum and gradient coherences and the last hypergradient
+    cosine; the step-size feature and the progress inputs read 0 (the learned schedule still
+    follows the progress). A memory that sees where its step size is, or how far training has
+    gone, can learn the step sizes and the warm-up its meta-training family liked, which a
+    different problem does not want; one that sees only the dynamics can learn only responses
+    to them (docs/experiments/2026-12-08-dynamics-memory.md). θ's shapes are the same either way.
+
     ``progress_schedule`` (``tensor`` only) lets the optimizer use the training progress
     p = t/T when the caller tells it the horizon (``update(..., total_steps=T)``): p and a
     "horizon known" flag join the HPE token features (so CAM's memory sees them) and the
@@ -113,6 +124,7 @@ class MnemosyneConfig:
     direction_correction: bool = True
     memory_step_size: bool = False
     memory_step_rate: float = 0.1
+    memory_inputs: str = "all"
     progress_schedule: bool = False
     schedule_knots: int = 5
     schedule_min_log: float = -7.0
@@ -164,6 +176,10 @@ class MnemosyneConfig:
             raise ValueError("hypergradient=True is implemented for the 'tensor' variant only")
         if self.memory_step_size and self.variant != "tensor":
             raise ValueError("memory_step_size=True is implemented for the 'tensor' variant only")
+        if self.memory_inputs not in MEMORY_INPUTS:
+            raise ValueError(f"memory_inputs must be one of {MEMORY_INPUTS}, got {self.memory_inputs!r}")
+        if self.memory_inputs != "all" and self.variant != "tensor":
+            raise ValueError("memory_inputs other than 'all' is implemented for the 'tensor' variant only")
         if self.progress_schedule and self.variant != "tensor":
             raise ValueError("progress_schedule=True is implemented for the 'tensor' variant only")
         if self.schedule_knots < 2:

@@ -279,7 +279,13 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
             # inputs are off: the user's schedule is told the horizon, not the rule.
             told_total = total_steps if learned_schedule else None
             progress = progress_features(state.count, told_total)
-            global_ctx = progress if global_ctx is None else jnp.concatenate([global_ctx, progress])
+        # What HPE → CAM and the gain head read of the progress: nothing when they may see only
+        # the gradients' dynamics (the learned schedule below still follows `progress`).
+        seen_progress = progress
+        if progress is not None and config.memory_inputs == "dynamics":
+            seen_progress = jnp.zeros_like(progress)
+        if seen_progress is not None:
+            global_ctx = seen_progress if global_ctx is None else jnp.concatenate([global_ctx, seen_progress])
 
         # Bias corrections as scalar reciprocals: per-coordinate multiplies, not divides.
         t = (state.count + 1).astype(jnp.float32)
@@ -308,8 +314,8 @@ def _build(theta: Any, config: MnemosyneConfig, scale: float,
                     betas=(b1, b2, bv), bias_corrections=corr, eps=config.eps,
                     magnitude_scale=config.magnitude_scale, global_ctx=global_ctx,
                     scale_free=config.hypergradient or config.memory_step_size,
-                    max_log_gain=config.max_log_gain, token_extra=progress,
-                    memory_step=config.memory_step_size,
+                    max_log_gain=config.max_log_gain, token_extra=seen_progress,
+                    memory_step=config.memory_step_size, see_step=config.memory_inputs == "all",
                 )
                 if progress is not None:
                     gain = gain * jnp.exp(progress_log_schedule(

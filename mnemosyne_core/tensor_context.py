@@ -205,6 +205,7 @@ def tensor_context(
     max_log_gain: float = 0.0,
     token_extra: jax.Array | None = None,
     memory_step: bool = False,
+    see_step: bool = True,
 ) -> tuple[jax.Array, jax.Array, TensorMemory, jax.Array, jax.Array | None]:
     """HPE → CAM → per-chunk head context and step-size gain for all tensors at once.
 
@@ -217,7 +218,9 @@ def tensor_context(
     ``token_extra`` (K',) global features appended to every token before HPE.
     With ``memory_step`` the tokens also carry the last hypergradient cosine, and the fifth value
     is the read-out ``(L, b)`` of ``theta["ctrl"]`` that :func:`~mnemosyne_core.step_size.memory_log_lr`
-    turns into the next log step size (else None).
+    turns into the next log step size (else None). ``see_step=False`` sets the tokens' fourth
+    feature (the log step size, or the log gradient scale) to 0: the memory then reads only the
+    scale-free dynamics.
     """
     num_leaves, b, t, _ = means.shape
     finite = jnp.all(jnp.isfinite(means))
@@ -228,7 +231,10 @@ def tensor_context(
         [b1 * old[..., 0] + (1 - b1) * g, b2 * old[..., 1] + (1 - b2) * g, bv * old[..., 2] + (1 - bv) * gsq],
         axis=-1,
     )
-    tokens = _token_features(means, moments, bias_corrections, eps, memory.log_lr if scale_free else None,
+    step_feature = memory.log_lr if scale_free else None
+    if not see_step:
+        step_feature = jnp.zeros((num_leaves,), means.dtype)
+    tokens = _token_features(means, moments, bias_corrections, eps, step_feature,
                              token_extra, memory.hg_cos if memory_step else None)
     # Spatial encoder: chunked bidirectional Performer + pooling → b meta-tokens ξ_t per tensor.
     meta = encode(theta["hpe"], tokens.reshape(num_leaves * b, t, -1), mask.reshape(num_leaves * b, t), omega_hpe)

@@ -155,9 +155,49 @@ def test_with_the_hypergradient_a_fresh_memory_is_the_hypergradient_rule_alone()
     np.testing.assert_allclose(s0.memory.log_lr, [math.log(2.0)] * 2, rtol=1e-6)
 
 
+def _random_memory(config, key=2):
+    """A θ whose HPE, CAM and read-out are far from fresh, so every input they read matters."""
+    theta = init_theta(jax.random.key(0), config)
+    keys = iter(jax.random.split(jax.random.key(key), 64))
+    for part in ("hpe", "cam", "ctrl", "head"):
+        theta[part] = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(next(keys), x.shape), theta[part])
+    theta["ctrl"]["b"] = jnp.float32(0.0)  # no constant push: the read-out follows what it reads
+    return theta
+
+
+def test_a_dynamics_memory_reads_neither_the_progress_nor_the_step_size():
+    # Told or not told the horizon, a memory that reads only the gradients' dynamics moves the
+    # step size identically (a flat schedule, so only what the memory reads could differ);
+    # reading "all", the progress changes its read-out.
+    for inputs, same in (("dynamics", True), ("all", False)):
+        config = _both(memory_inputs=inputs)
+        theta = _random_memory(config)
+        _, told, _ = _run(theta, config=config, steps=4, total_steps=15)
+        _, untold, _ = _run(theta, config=config, steps=4)
+        assert np.abs(np.asarray(told.memory.log_lr)).max() < 1.0  # inside the bounds: nothing clipped
+        assert np.allclose(told.memory.log_lr, untold.memory.log_lr, rtol=1e-6, atol=1e-7) == same, inputs
+    # Where the step size starts (a learned offset) moves it, but not what the memory reads out.
+    for inputs, same in (("dynamics", True), ("all", False)):
+        config = _both(memory_inputs=inputs)
+        theta = _random_memory(config)
+        runs = []
+        for offset in (0.0, 1.5):
+            theta["hd"]["log_lr0"] = jnp.float32(offset)
+            theta["hd"]["log_kappa"] = jnp.float32(-30.0)  # the hypergradient still: only the memory moves it
+            _, state, _ = _run(theta, config=config, steps=1)
+            runs.append(np.asarray(state.memory.log_lr) - offset)
+        assert np.allclose(runs[0], runs[1], rtol=1e-5, atol=1e-7) == same, inputs
+        assert np.abs(runs[0]).max() > 1e-3  # the read-out did move it
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="tensor"):
         MnemosyneConfig(variant="coordinate", memory_step_size=True)
+    with pytest.raises(ValueError, match="memory_inputs must be one of"):
+        MnemosyneConfig(memory_inputs="gradients")
+    with pytest.raises(ValueError, match="tensor"):
+        MnemosyneConfig(variant="coordinate", memory_inputs="dynamics")
+    assert MnemosyneConfig.from_dict({}).memory_inputs == "all"  # checkpoints from before the field
     with pytest.raises(ValueError, match="memory_step_rate"):
         MnemosyneConfig(memory_step_size=True, memory_step_rate=-0.1)
 
