@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/step_cost.py            # full run
     python benchmarks/step_cost.py --quick    # smaller pytrees, fewer repeats
+    python benchmarks/step_cost.py --variants default+T,mnemosyne_core/pretrained/candidates/dynamics_memory.msgpack+T
 """
 from __future__ import annotations
 
@@ -89,18 +90,29 @@ def opts() -> dict[str, Callable[[], optax.GradientTransformation]]:
 
         return pretrained("default")
 
-    def told(total_steps: int):
-        # default as it is meant to run: told the horizon, so the progress features and the learned
-        # schedule are in the step too.
-        def build():
-            tx = shipped()
-            return optax.GradientTransformationExtraArgs(
-                tx.init, lambda g, s, p=None, **kw: tx.update(g, s, p, total_steps=total_steps))
-        return build
-
     # default: the shipped optimizer (tensor variant; HPE → CAM set each tensor's step size; Adam's direction).
     return {"adam": lambda: optax.adam(1e-3), "tensor": mn("tensor"), "coordinate": mn("coordinate"),
-            "default": shipped, "default+T": told(1000)}
+            "default": shipped, "default+T": told(1000, shipped)}
+
+
+def told(total_steps: int, make: Callable[[], Any]) -> Callable[[], optax.GradientTransformation]:
+    """``make()``'s optimizer as it is meant to run: told the horizon, so the progress features and
+    the learned schedule are in the step too."""
+    def build():
+        tx = make()
+        return optax.GradientTransformationExtraArgs(
+            tx.init, lambda g, s, p=None, **kw: tx.update(g, s, p, total_steps=total_steps))
+    return build
+
+
+def from_file(path: str) -> Callable[[], optax.GradientTransformation]:
+    """The optimizer saved at ``path`` (``mn.save``), e.g. a candidate in ``pretrained/candidates/``."""
+    def build():
+        import mnemosyne_core
+
+        theta, config, _ = mnemosyne_core.load(path)
+        return mnemosyne(theta, config)
+    return build
 
 
 def update_case(tx: optax.GradientTransformation, params: Any) -> tuple[Callable[[], Any], float, float]:
@@ -158,6 +170,10 @@ def main() -> None:
     mlp = [(784, 1024), (1024, 256), (256, 10)] if not args.quick else [(256, 256), (256, 10)]
     makers = opts()
     names = ["adam"] + [v for v in args.variants.split(",") if v]
+    for n in names:  # a checkpoint file (a candidate design), as it is and told the horizon (+T)
+        path = n.removesuffix("+T")
+        if n not in makers and path.endswith(".msgpack"):
+            makers[n] = from_file(path) if n == path else told(1000, from_file(path))
     rows: dict[str, dict[str, float]] = {n: {} for n in names}
     for label, sizes in trees.items():
         params = make_params(jax.random.key(0), sizes)
@@ -178,7 +194,7 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print()
-    print(f"{'metric (median; min)':<28}" + "".join(f"{n:>22}" for n in names))
+    print(f"{'metric (median; min)':<28}" + "".join(f"{n.rsplit('/', 1)[-1].replace('.msgpack', ''):>22}" for n in names))
     for metric in rows["adam"]:
         cells = []
         for n in names:

@@ -202,17 +202,21 @@ def test_config_validation():
         MnemosyneConfig(memory_step_size=True, memory_step_rate=-0.1)
 
 
-def test_candidate_is_what_its_documented_command_produces():
-    # `meta-train --config memory_step --seed 0` builds this architecture and budget; the trained θ
+@pytest.mark.parametrize("name", ["memory_step", "dynamics_memory"])
+def test_candidate_is_what_its_documented_command_produces(name):
+    # `meta-train --config NAME --seed 0` builds this architecture and budget; the trained θ
     # uses its memory (non-zero read-out), so ablating it changes θ.
     from mnemosyne_core.meta.config import load_config
     from mnemosyne_core.meta.evaluator import learned_optimizer
     from mnemosyne_core.pretrained import PRETRAINED_DIR
 
-    theta, config, meta = mn.load(PRETRAINED_DIR / "candidates" / "memory_step.msgpack")
-    cfg = load_config("memory_step")
+    theta, config, meta = mn.load(PRETRAINED_DIR / "candidates" / f"{name}.msgpack")
+    cfg = load_config(name)
     assert config == learned_optimizer(cfg).config and config.memory_step_size
     assert meta["generation"] == cfg.generations and meta["seed"] == cfg.seed
+    assert float(jnp.abs(theta["ctrl"]["w"]).max()) > 0.05
+    ablated = mn.ablate(theta, config, "memory")
+    assert float(jnp.abs(ablated["ctrl"]["w"]).max()) == 0.0
     assert float(jnp.abs(theta["ctrl"]["w"]).max()) > 0.1
     ablated = mn.ablate(theta, config, "memory")
     assert float(jnp.abs(ablated["ctrl"]["w"]).max()) == 0.0
