@@ -214,12 +214,9 @@ def test_candidate_is_what_its_documented_command_produces(name):
     cfg = load_config(name)
     assert config == learned_optimizer(cfg).config and config.memory_step_size
     assert meta["generation"] == cfg.generations and meta["seed"] == cfg.seed
-    assert float(jnp.abs(theta["ctrl"]["w"]).max()) > 0.05
-    ablated = mn.ablate(theta, config, "memory")
-    assert float(jnp.abs(ablated["ctrl"]["w"]).max()) == 0.0
     assert float(jnp.abs(theta["ctrl"]["w"]).max()) > 0.1
     ablated = mn.ablate(theta, config, "memory")
     assert float(jnp.abs(ablated["ctrl"]["w"]).max()) == 0.0
     from mnemosyne_core.pretrained import available
 
-    assert "memory_step" not in available()  # a candidate, not a shipped name
+    assert name not in available()  # a candidate, not a shipped name
